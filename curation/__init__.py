@@ -1,0 +1,1 @@
+"""Curation: ingest raw images into shards, then embed, deduplicate, decontaminate, retrieve, balance."""

@@ -1,0 +1,1 @@
+"""Evaluation of exported backbones: k-NN and linear probes with medical metrics."""

@@ -1,0 +1,1 @@
+"""Data layer: dataset specs, image/DICOM readers, the shard format, loaders."""
