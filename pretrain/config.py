@@ -51,9 +51,9 @@ def _compatible(default: Any, value: Any) -> bool:
 def _check_against(default: DictConfig, given: DictConfig, prefix: str, source: str) -> None:
     for key in given.keys():
         path = f"{prefix}{key}"
-        if key not in default:
-            raise ConfigError(f"{source}: unknown config key '{path}'")
         d_node = default._get_node(key)
+        if d_node is None:
+            raise ConfigError(f"{source}: unknown config key '{path}'")
         g_node = given._get_node(key)
         if g_node._is_missing():
             continue
