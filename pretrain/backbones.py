@@ -1,0 +1,402 @@
+"""Backbones (timm ViTs, torchvision ResNets) and their export in plain-timm format.
+
+Why plain timm: a pretrained medssl backbone must be usable by anyone with `timm` alone, so the
+exported state dict has exactly the keys of `timm.create_model(**backbone.json["timm_kwargs"])`
+and loads with `strict=True`, no renaming. SwiGLU has no JSON-able switch in timm 1.0 (`mlp_layer`
+takes a class), so SwiGLU ViTs are built from the registered `vit_giant_patch14_dinov2` entry,
+whose only non-overridable choice is the packed SwiGLU MLP (DINOv2's); every dimension is
+overridden explicitly. ResNets are torchvision models whose keys equal timm's `resnet18/50`.
+
+Backbone config keys (the `model:` section of the pretraining YAML holds the same keys):
+  arch             vit_tiny | vit_small | vit_base | vit_large | resnet18 | resnet50
+  patch_size       ViT patch size (4, 8, 14, 16); img_size must be a multiple of it
+  img_size         global-crop size the position embedding is made for (28, 32, 64, 224...)
+  in_chans         1 (grayscale) or 3
+  reg_tokens       number of ViT register tokens (0 = none)
+  layerscale       null, or LayerScale init value (e.g. 1e-5)
+  swiglu           bool, SwiGLU MLP (DINOv2 hidden-size rule) instead of GELU MLP
+  drop_path_rate   stochastic depth (ViT training only; not exported; ignored by torchvision ResNets)
+  qkv_bias         bool
+  dynamic_img_size bool, lets one ViT take global and local multi-crop sizes (pos-embed resampled)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILENAME = "backbone.safetensors"
+META_FILENAME = "backbone.json"
+FORMAT_VERSION = 1
+
+BACKBONE_DEFAULTS: dict[str, Any] = {
+    "arch": "vit_small",
+    "patch_size": 16,
+    "img_size": 224,
+    "in_chans": 3,
+    "reg_tokens": 0,
+    "layerscale": None,
+    "swiglu": False,
+    "drop_path_rate": 0.0,
+    "qkv_bias": True,
+    "dynamic_img_size": True,
+}
+# name -> (embed_dim, depth, num_heads)
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+RESNET_FEATURES = {"resnet18": 512, "resnet50": 2048}
+SWIGLU_MODEL_NAME = "vit_giant_patch14_dinov2"  # registered timm ViT with the packed SwiGLU MLP
+ARCH_META_KEYS = ("arch", "img_size", "in_chans", "patch_size", "num_features")
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built or loaded (bad config, missing/corrupt/mismatched files)."""
+
+
+def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
+    """Fill defaults and validate, so a typo fails before a model (or a long job) is built."""
+    given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    unknown = sorted(set(given) - set(BACKBONE_DEFAULTS))
+    if unknown:
+        raise BackboneError(
+            f"unknown backbone config key(s) {unknown}; known: {sorted(BACKBONE_DEFAULTS)}"
+        )
+    c = {**BACKBONE_DEFAULTS, **given}
+    if c["arch"] not in VIT_SIZES and c["arch"] not in RESNET_FEATURES:
+        raise BackboneError(
+            f"unknown arch {c['arch']!r}; choose from {[*VIT_SIZES, *RESNET_FEATURES]}"
+        )
+    for key in ("patch_size", "img_size", "in_chans"):
+        if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
+            raise BackboneError(f"backbone {key} must be a positive int, got {c[key]!r}")
+    for key in ("swiglu", "qkv_bias", "dynamic_img_size"):
+        if not isinstance(c[key], bool):
+            raise BackboneError(f"backbone {key} must be true/false, got {c[key]!r}")
+    if not isinstance(c["reg_tokens"], int) or c["reg_tokens"] < 0:
+        raise BackboneError(f"backbone reg_tokens must be an int >= 0, got {c['reg_tokens']!r}")
+    if c["layerscale"] is not None and not (
+        isinstance(c["layerscale"], (int, float)) and c["layerscale"] > 0
+    ):
+        raise BackboneError(f"backbone layerscale must be null or > 0, got {c['layerscale']!r}")
+    if c["layerscale"] is not None:
+        c["layerscale"] = float(c["layerscale"])
+    c["drop_path_rate"] = float(c["drop_path_rate"])
+    if c["arch"] in VIT_SIZES and c["img_size"] % c["patch_size"]:
+        raise BackboneError(
+            f"img_size {c['img_size']} is not a multiple of patch_size {c['patch_size']}"
+        )
+    if c["arch"] in RESNET_FEATURES:
+        if c["reg_tokens"] or c["layerscale"] is not None or c["swiglu"]:
+            logger.warning("%s ignores ViT-only keys reg_tokens/layerscale/swiglu", c["arch"])
+        if c["drop_path_rate"]:
+            logger.warning("torchvision %s has no drop_path; drop_path_rate ignored", c["arch"])
+    return c
+
+
+def swiglu_mlp_ratio(embed_dim: int) -> float:
+    """mlp_ratio giving timm's packed SwiGLU the DINOv2 hidden size: 2/3 * 4 * dim, rounded up to 8.
+
+    +0.5 keeps `int(dim * ratio)` exact after float rounding and a JSON round trip.
+    """
+    hidden = (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+    return (2 * hidden + 0.5) / embed_dim
+
+
+def _timm_kwargs(c: dict[str, Any]) -> dict[str, Any]:
+    arch = c["arch"]
+    overlay: dict[str, Any] = {"input_size": [c["in_chans"], c["img_size"], c["img_size"]]}
+    if arch in RESNET_FEATURES:
+        return {"model_name": arch, "pretrained": False, "num_classes": 0,
+                "in_chans": c["in_chans"], "pretrained_cfg_overlay": overlay}  # fmt: skip
+    dim, depth, heads = VIT_SIZES[arch]
+    overlay["fixed_input_size"] = not c["dynamic_img_size"]
+    return {
+        "model_name": SWIGLU_MODEL_NAME if c["swiglu"] else f"{arch}_patch16_224",
+        "pretrained": False, "num_classes": 0, "global_pool": "token", "class_token": True,
+        "no_embed_class": False, "img_size": c["img_size"], "patch_size": c["patch_size"],
+        "in_chans": c["in_chans"], "embed_dim": dim, "depth": depth, "num_heads": heads,
+        "mlp_ratio": swiglu_mlp_ratio(dim) if c["swiglu"] else 4.0, "qkv_bias": c["qkv_bias"],
+        "init_values": c["layerscale"], "reg_tokens": c["reg_tokens"],
+        "dynamic_img_size": c["dynamic_img_size"], "pretrained_cfg_overlay": overlay,
+    }  # fmt: skip
+
+
+def build_backbone(cfg: Mapping | DictConfig) -> nn.Module:
+    """Backbone whose forward(x) gives pooled features (B, num_features); never downloads weights.
+
+    Attaches `medssl_config` (resolved cfg) and `timm_kwargs` (export kwargs, no drop_path).
+    """
+    c = resolve_backbone_config(cfg)
+    kwargs = _timm_kwargs(c)
+    if c["arch"] in RESNET_FEATURES:
+        model = getattr(torchvision.models, c["arch"])(weights=None)
+        if c["in_chans"] != 3:
+            model.conv1 = nn.Conv2d(
+                c["in_chans"], 64, kernel_size=7, stride=2, padding=3, bias=False
+            )
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.fc = nn.Identity()
+        model.num_features = RESNET_FEATURES[c["arch"]]
+    else:
+        model = timm.create_model(**kwargs, drop_path_rate=c["drop_path_rate"])
+    model.medssl_config = c
+    model.timm_kwargs = kwargs
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """DDP (`module`) and torch.compile (`_orig_mod`) wrappers hide the backbone."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def backbone_timm_kwargs(model: nn.Module) -> dict[str, Any]:
+    """JSON-able kwargs so that `timm.create_model(**kwargs)` rebuilds this backbone."""
+    kwargs = getattr(_unwrap(model), "timm_kwargs", None)
+    if kwargs is None:
+        raise BackboneError(
+            "model has no timm_kwargs: build it with build_backbone or load_backbone"
+        )
+    return json.loads(json.dumps(kwargs))
+
+
+def _check_keys_match(kwargs: dict[str, Any], state: Mapping[str, Tensor], where: str) -> None:
+    """Compare keys/shapes with a meta-device timm model: cheap, and catches a mismatch at export."""
+    with torch.device("meta"):
+        reference = timm.create_model(**kwargs).state_dict()
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    shapes = [
+        k for k in reference if k in state and tuple(reference[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or extra or shapes:
+        raise BackboneError(
+            f"{where}: weights do not match timm.create_model({kwargs['model_name']!r}, ...): "
+            f"missing {missing[:5]}, unexpected {extra[:5]}, shape mismatch {shapes[:5]}"
+        )
+
+
+def _as_channel_list(value: Any, in_chans: int, key: str) -> list[float] | None:
+    if value is None:
+        return None
+    values = (
+        [float(value)] * in_chans if isinstance(value, (int, float)) else [float(v) for v in value]
+    )
+    if len(values) != in_chans:
+        raise BackboneError(f"meta {key} has {len(values)} values for {in_chans} channels")
+    return values
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None = None) -> Path:
+    """Write backbone.safetensors (plain timm keys) + backbone.json; return out_dir.
+
+    The json is written last, so its presence means the export is complete.
+    """
+    model = _unwrap(model)
+    c = getattr(model, "medssl_config", None)
+    if c is None:
+        raise BackboneError(
+            "model has no medssl_config: build it with build_backbone or load_backbone"
+        )
+    kwargs = backbone_timm_kwargs(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _check_keys_match(kwargs, state, f"export to {out_dir}")
+    is_vit = c["arch"] in VIT_SIZES
+    info: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "arch": c["arch"], "img_size": c["img_size"],
+        "in_chans": c["in_chans"], "patch_size": c["patch_size"] if is_vit else None,
+        "num_features": int(model.num_features), "reg_tokens": c["reg_tokens"] if is_vit else 0,
+        "layerscale": c["layerscale"] if is_vit else None, "swiglu": c["swiglu"] and is_vit,
+        "qkv_bias": c["qkv_bias"], "dynamic_img_size": c["dynamic_img_size"],
+        "channels": c["in_chans"], "mean": None, "std": None, "window": None, "source": None,
+        "timm_version": timm.__version__,
+    }  # fmt: skip
+    for key, value in (meta or {}).items():
+        if key in ARCH_META_KEYS and value != info[key]:
+            raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
+        info[key] = value
+    for key in ("mean", "std"):
+        info[key] = _as_channel_list(info[key], c["in_chans"], key)
+        if info[key] is not None:
+            kwargs.setdefault("pretrained_cfg_overlay", {})[key] = info[key]
+    text = json.dumps({"timm_kwargs": kwargs, "medssl": info}, indent=2, sort_keys=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_FILENAME, lambda p: safetensors.torch.save_file(state, str(p)))
+    _atomic_write(out / META_FILENAME, lambda p: p.write_text(text + "\n"))
+    logger.info("exported %s backbone (%s) to %s", c["arch"], info["source"], out)
+    return out
+
+
+def _config_from_meta(info: Mapping[str, Any]) -> dict[str, Any]:
+    c = {k: info[k] for k in BACKBONE_DEFAULTS if k in info and info[k] is not None}
+    c["drop_path_rate"] = 0.0
+    return resolve_backbone_config(c)
+
+
+def _find_export(path: Path) -> Path:
+    """Resolve a user path to a backbone.json or a .pt checkpoint (newest found in a run dir)."""
+    if not path.exists():
+        raise FileNotFoundError(f"backbone path not found: {path}")
+    if path.is_file():
+        return path.with_name(META_FILENAME) if path.name == WEIGHTS_FILENAME else path
+    if (path / META_FILENAME).is_file():
+        return path / META_FILENAME
+    for pattern in (META_FILENAME, "*.pt"):
+        found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            logger.info("loading newest %s under %s: %s", pattern, path, found[-1])
+            return found[-1]
+    raise FileNotFoundError(f"{path}: no {META_FILENAME} (export) or *.pt checkpoint inside")
+
+
+def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
+    weights = json_path.with_name(WEIGHTS_FILENAME)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"backbone metadata not found: {json_path}")
+    if not weights.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights}")
+    try:
+        doc = json.loads(json_path.read_text())
+        kwargs, info = dict(doc["timm_kwargs"]), dict(doc["medssl"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackboneError(
+            f"{json_path}: not a backbone.json with timm_kwargs/medssl ({exc!r})"
+        ) from exc
+    try:
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as exc:  # safetensors raises several error types for truncated files
+        raise BackboneError(f"{weights}: corrupt or unreadable safetensors ({exc})") from exc
+    try:
+        model = timm.create_model(**{**kwargs, "pretrained": False})
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BackboneError(
+            f"{weights} does not match the architecture in {json_path}: {str(exc)[:600]}"
+        ) from exc
+    model.timm_kwargs = kwargs
+    model.medssl_config = _config_from_meta(info)
+    return model, info
+
+
+def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[nn.Module, dict]:
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle/zip errors vary
+        raise BackboneError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict):
+        raise BackboneError(f"{path}: checkpoint is not a dict")
+    state = ckpt.get("teacher_backbone", ckpt.get("backbone_state"))
+    cfg = ckpt.get("backbone_config")
+    if cfg is None and isinstance(ckpt.get("config"), dict):
+        cfg = ckpt["config"].get("model")
+    if state is None or cfg is None:
+        raise BackboneError(
+            f"{path}: checkpoint needs 'teacher_backbone' or 'backbone_state' and 'backbone_config' "
+            f"(found keys {sorted(ckpt)[:10]})"
+        )
+    model = build_backbone({**cfg, "drop_path_rate": 0.0})
+    try:
+        model.load_state_dict(_strip_prefixes(state), strict=True)
+    except RuntimeError as exc:
+        raise BackboneError(
+            f"{path}: backbone weights do not match backbone_config: {str(exc)[:600]}"
+        ) from exc
+    which = "teacher" if "teacher_backbone" in ckpt else "backbone"
+    step = f" step {ckpt['step']}" if "step" in ckpt else ""
+    info = {**model.medssl_config, "num_features": int(model.num_features)}
+    info.update({"source": f"{which} of {path.name}{step}", **dict(ckpt.get("meta") or {})})
+    return model, info
+
+
+def load_backbone(
+    path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """Load a backbone for evaluation; returns (model in eval mode, meta = backbone.json["medssl"]).
+
+    `path` may be an export dir, its backbone.json/backbone.safetensors, a pretraining output dir
+    (newest backbone.json inside, else newest *.pt), or a training checkpoint `.pt`. A checkpoint is
+    a plain dict (loaded with weights_only=True) holding:
+      - "teacher_backbone" (preferred, DINOv2 teacher) or "backbone_state": the backbone state dict
+        (keys as built by build_backbone; `module.`/`_orig_mod.` prefixes are stripped);
+      - "backbone_config": the backbone config dict (keys of BACKBONE_DEFAULTS), or else
+        "config": the full plain-dict run config whose "model" entry is that dict;
+      - optional "step" (int) and "meta" (dict merged into the returned meta: mean, std, window...).
+    """
+    target = _find_export(Path(path))
+    if target.suffix == ".pt":
+        model, info = _load_checkpoint(target, map_location)
+    elif target.name == META_FILENAME:
+        model, info = _load_export(target)
+    else:
+        raise BackboneError(
+            f"{target}: expected {META_FILENAME}, {WEIGHTS_FILENAME} or a .pt checkpoint"
+        )
+    return model.to(map_location).eval(), info
+
+
+def vit_intermediate_features(
+    model: nn.Module, x: Tensor, n_last_blocks: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Per block (cls_token (B, D), patch_tokens (B, N, D)) of the last n blocks, final-normed.
+
+    This is the DINOv2 linear-probe input. ResNets give [(pooled, layer4 tokens)] for n_last_blocks=1.
+    """
+    model = _unwrap(model)
+    if isinstance(model, VisionTransformer):
+        if not 1 <= n_last_blocks <= len(model.blocks):
+            raise ValueError(f"n_last_blocks={n_last_blocks} outside 1..{len(model.blocks)}")
+        if not model.has_class_token:
+            raise ValueError("vit_intermediate_features needs a ViT with a class token")
+        outs = model.forward_intermediates(
+            x, indices=n_last_blocks, return_prefix_tokens=True, norm=True,
+            output_fmt="NLC", intermediates_only=True,
+        )  # fmt: skip
+        return [(prefix[:, 0], patches) for patches, prefix in outs]
+    if n_last_blocks != 1:
+        raise ValueError(f"{type(model).__name__} is not a ViT: only n_last_blocks=1 is supported")
+    if hasattr(model, "forward_features"):  # timm ResNet (from load_backbone)
+        fmap = model.forward_features(x)
+    elif isinstance(model, torchvision.models.ResNet):
+        fmap = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        fmap = model.layer4(model.layer3(model.layer2(model.layer1(fmap))))
+    else:
+        raise TypeError(f"unsupported backbone type {type(model).__name__}")
+    return [(fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2))]
