@@ -137,7 +137,9 @@ class ShardWriter:
         self.path = Path(out_dir) / shard_name(index)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._writer = wds.TarWriter(self._stream)
+        self._writer = wds.TarWriter(
+            self._stream, mtime=0
+        )  # integer mtime: no PAX header per member, byte-identical shards
         self.records: list[dict[str, Any]] = []
 
     def write(self, sample: dict[str, Any]) -> None:
