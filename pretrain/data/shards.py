@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,46 +130,43 @@ class ShardWriter:
     """Writes `shard-NNNNNN.tar` under a temporary name and renames it when complete.
 
     Readers list `*.tar` only, so a job killed mid-shard never exposes a half-written shard.
+    Plain `tarfile` with mtime 0 and fixed owner: shards are byte-identical across runs, need no PAX
+    header per member (webdataset's writer stamps float mtimes), and writing does not import torch.
     """
 
     def __init__(self, out_dir: str | Path, index: int):
-        import webdataset as wds
-
         self.path = Path(out_dir) / shard_name(index)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._writer = wds.TarWriter(
-            self._stream, mtime=0
-        )  # integer mtime: no PAX header per member, byte-identical shards
+        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self.records: list[dict[str, Any]] = []
 
     def write(self, sample: dict[str, Any]) -> None:
-        self._writer.write(sample)
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "medssl"
+            self._tar.addfile(info, io.BytesIO(data))
         self.records.append(json.loads(sample["json"]))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def commit(self) -> Path:
-        self._writer.close()
-        if not self._stream.closed:
-            self._stream.close()
+        self._tar.close()
         with open(self.tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp_path, self.path)
         return self.path
 
     def abort(self) -> None:
-        self._writer.close()
-        if not self._stream.closed:
-            self._stream.close()
+        self._tar.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
 def iter_shard_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """The JSON records of one shard, in order, without decoding pixels."""
-    import tarfile
-
     with tarfile.open(path) as tf:
         for member in tf:
             if member.isfile() and member.name.endswith(".json"):
