@@ -295,8 +295,13 @@ def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
     except Exception as exc:  # safetensors raises several error types for truncated files
         raise BackboneError(f"{weights}: corrupt or unreadable safetensors ({exc})") from exc
     try:
-        model = timm.create_model(**{**kwargs, "pretrained": False})
-        model.load_state_dict(state, strict=True)
+        # Built on the meta device: timm's random init costs most of a load and is overwritten anyway.
+        with torch.device("meta"):
+            model = timm.create_model(**{**kwargs, "pretrained": False})
+        model.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers
+            model = timm.create_model(**{**kwargs, "pretrained": False})
+            model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise BackboneError(
             f"{weights} does not match the architecture in {json_path}: {str(exc)[:600]}"

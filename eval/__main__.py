@@ -1,0 +1,252 @@
+"""`python -m eval PROTOCOL --backbone PATH --train SPEC --test SPEC [--val SPEC] --out DIR [key=value ...]`
+
+PROTOCOL: a registered protocol (knn, linear, logreg, fewshot, label_efficiency, ...) or `all`
+(the `suite` list). --backbone: a pretraining output dir, an exported backbone, a checkpoint, or
+`raw` (flattened pixels). Writes DIR/metrics.json (schema in eval/report.py), metrics.jsonl,
+report.md, PNG plots and config.yaml. Under torchrun every rank extracts a share of the features;
+rank 0 runs the protocols and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from eval.features import RAW_BACKBONE, FeatureError, FeatureExtractor
+from eval.protocols import discover, get_protocol, thread_limit
+from eval.protocols.base import EvalContext, EvalError, ProtocolResult
+from eval.report import (
+    SCHEMA_VERSION,
+    data_json,
+    load_reference,
+    protocol_json,
+    write_metrics,
+    write_report,
+)
+from pretrain.backbones import BackboneError
+from pretrain.config import ConfigError, load_config, save_config
+from pretrain.data.readers import UnreadableImageError
+from pretrain.data.specs import DatasetSpecError, parse_spec
+
+logger = logging.getLogger("eval")
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def _protocol_names(protocol: str, cfg: DictConfig) -> list[str]:
+    registry = discover()
+    names = [str(p) for p in cfg.suite] if protocol == "all" else [protocol]
+    if not names:
+        raise EvalError("config `suite` is empty: `all` has nothing to run")
+    for name in names:
+        if name not in registry:
+            raise EvalError(
+                f"unknown protocol {name!r}; choose from: all, {', '.join(sorted(registry))}"
+            )
+    return names
+
+
+def _extractor(backbone: str, cfg: DictConfig, cache_dir: Path) -> FeatureExtractor:
+    window = cfg.window
+    if isinstance(window, ListConfig):  # (center, width) in modality units, e.g. HU
+        window = tuple(OmegaConf.to_container(window))
+    return FeatureExtractor(
+        backbone,
+        cache_dir=cache_dir,
+        n_last_blocks=int(cfg.n_last_blocks),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        device=str(cfg.device),
+        window=window,
+        raw_img_size=cfg.raw_img_size,
+        raw_center=bool(cfg.raw_center),
+    )
+
+
+def _run_protocols(
+    ctx: EvalContext,
+    names: list[str],
+    timing: dict[str, float],
+    skipped: dict[str, str] | None = None,
+    tag: str = "",
+) -> dict[str, ProtocolResult]:
+    """Run each protocol; with `skipped` given (the `all` suite), one that does not apply to this
+    data (few-shot on multi-label targets) is recorded there instead of failing the suite."""
+    results: dict[str, ProtocolResult] = {}
+    for name in names:
+        start = time.perf_counter()
+        logger.info("running %s%s", name, tag)
+        try:
+            results[name] = get_protocol(name).run(ctx)
+        except EvalError as exc:
+            if skipped is None:
+                raise
+            logger.warning("%s%s skipped: %s", name, tag, exc)
+            skipped[f"{name}{tag}"] = str(exc)
+            continue
+        timing[f"{name}{tag}"] = time.perf_counter() - start
+        best = results[name].settings[results[name].best]
+        logger.info(
+            "%s%s %s: accuracy %.4f, balanced accuracy %.4f, AUROC %.4f",
+            name,
+            tag,
+            results[name].best,
+            best["accuracy"],
+            best["balanced_accuracy"],
+            best["auroc"],
+        )
+    return results
+
+
+def run_eval(
+    protocol: str,
+    *,
+    backbone: str,
+    train: str,
+    test: str,
+    out: str | Path,
+    val: str | None = None,
+    cfg: DictConfig | None = None,
+    command: str | None = None,
+) -> dict[str, Any] | None:
+    """Run `protocol` and write the outputs; returns the metrics.json document (None off rank 0)."""
+    cfg = cfg if cfg is not None else load_config(DEFAULT_CONFIG)
+    out_dir = Path(out)
+    names = _protocol_names(protocol, cfg)
+    for spec in (train, test, val):
+        if spec is not None:
+            parse_spec(spec)  # a bad spec fails before the backbone is loaded
+    cache_dir = (
+        Path(cfg.cache_dir) if cfg.cache_dir else out_dir.resolve().parent / ".feature_cache"
+    )
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    extractor = _extractor(backbone, cfg, cache_dir)
+    ctx = EvalContext.from_specs(cfg, extractor, train=train, test=test, val=val, out_dir=out_dir)
+    timing["features"] = time.perf_counter() - start
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None  # rank 0 runs the protocols on the gathered features
+    baselines: dict[str, Any] = {}
+    raw_names = [n for n in names if n in [str(p) for p in cfg.raw_baseline]]
+    skipped: dict[str, str] | None = {} if protocol == "all" else None
+    with thread_limit(int(cfg.threads)):
+        results = _run_protocols(ctx, names, timing, skipped)
+        if raw_names and backbone != RAW_BACKBONE:
+            start = time.perf_counter()
+            raw_ctx = EvalContext.from_specs(
+                cfg,
+                _extractor(RAW_BACKBONE, cfg, cache_dir),
+                train=train,
+                test=test,
+                val=val,
+                out_dir=out_dir,
+            )
+            timing["features (raw)"] = time.perf_counter() - start
+            raw_results = _run_protocols(raw_ctx, raw_names, timing, skipped, tag=" (raw)")
+            baselines["raw"] = {
+                "preprocessing": raw_ctx.extractor.preprocessing() if raw_ctx.extractor else {},
+                "protocols": {n: protocol_json(r, raw_ctx) for n, r in raw_results.items()},
+            }
+    meta = extractor.meta
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command or f"python -m eval {protocol} --backbone {backbone} ...",
+        "backbone": {
+            "path": backbone,
+            "fingerprint": extractor.fingerprint,
+            "arch": meta.get("arch"),
+            "num_features": meta.get("num_features") or int(ctx.train.tokens.shape[-1]),
+            "source": meta.get("source"),
+        },
+        "preprocessing": extractor.preprocessing(),
+        "data": data_json(ctx),
+        "protocols": {n: protocol_json(r, ctx) for n, r in results.items()},
+        "baselines": baselines,
+        "skipped": skipped or {},
+        "reference": load_reference(cfg.reference, ctx.dataset_name),
+        "timing_s": timing,
+    }
+    write_metrics(doc, out_dir)
+    with thread_limit(int(cfg.threads)):
+        write_report(doc, results, ctx, out_dir)
+    save_config(cfg, out_dir)
+    logger.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "report.md")
+    return doc
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    registry = discover()
+    parser = argparse.ArgumentParser(
+        prog="python -m eval",
+        description="Evaluate a frozen backbone: k-NN, linear probes, logistic regression, "
+        "few-shot and label efficiency, with medical metrics and bootstrap CIs.",
+    )
+    parser.add_argument("protocol", help=f"all | {' | '.join(sorted(registry))}")
+    parser.add_argument(
+        "--backbone", required=True, help="pretraining output dir, export dir, checkpoint, or 'raw'"
+    )
+    parser.add_argument("--train", required=True, help="dataset spec (e.g. file.npz:train)")
+    parser.add_argument("--test", required=True, help="dataset spec of the reported split")
+    parser.add_argument("--val", help="dataset spec for selection (default: split of train)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", help="recipe YAML overriding eval/configs/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    command = "python -m eval " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    try:
+        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
+        _init_distributed()
+        run_eval(
+            args.protocol,
+            backbone=args.backbone,
+            train=args.train,
+            test=args.test,
+            val=args.val,
+            out=args.out,
+            cfg=cfg,
+            command=command,
+        )
+    except (
+        ConfigError,
+        DatasetSpecError,
+        EvalError,
+        FeatureError,
+        FileNotFoundError,
+        BackboneError,
+        UnreadableImageError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

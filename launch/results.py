@@ -1,0 +1,92 @@
+"""One table from many eval jobs: each cell's metrics.json (eval/report.py schema) -> a row.
+
+Rows are (backbone, protocol) with the protocol's headline setting; written as results.json (the
+rows), results.csv and results.md in the eval output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1_macro")
+
+
+def rows_from_metrics(doc: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """One row per protocol in one metrics.json: the headline (`best`) setting's metrics."""
+    rows = []
+    for protocol, result in sorted(doc.get("protocols", {}).items()):
+        best = result["best"]
+        setting = result["settings"][best]
+        row: dict[str, Any] = {
+            "backbone": label,
+            "protocol": protocol,
+            "setting": best,
+            "dataset": doc.get("data", {}).get("dataset"),
+            "n_test": setting.get("n"),
+        }
+        for metric in METRICS:
+            row[metric] = setting.get(metric)
+            ci = setting.get(f"{metric}_ci95")
+            row[f"{metric}_ci95"] = list(ci) if ci else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, ci: Any = None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    text = f"{value:.4f}"
+    if ci:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str, str]:
+    """Read every cell's metrics.json (failing with the cell's name when one is missing)."""
+    out = Path(out)
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for cell in cells:
+        path = Path(cell["out"]) / "metrics.json"
+        if not path.is_file():
+            missing.append(f"{cell['label']}/{cell['protocol']} ({path})")
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        for row in rows_from_metrics(doc, cell["label"]):
+            row["backbone_path"] = cell["backbone"]
+            row["metrics_json"] = str(path)
+            rows.append(row)
+    if missing:
+        raise FileNotFoundError("eval cells without metrics.json: " + "; ".join(missing))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    columns = ["backbone", "protocol", "setting", "dataset", "n_test", *METRICS]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row[c] for c in columns])
+    lines = [
+        "| backbone | protocol | setting | " + " | ".join(METRICS) + " |",
+        "|" + "---|" * (3 + len(METRICS)),
+    ]
+    for row in rows:
+        metrics = " | ".join(_fmt(row[m], row[f"{m}_ci95"]) for m in METRICS)
+        lines.append(f"| {row['backbone']} | {row['protocol']} | {row['setting']} | {metrics} |")
+    (out / "results.md").write_text(
+        "# Evaluation results\n\nHeadline setting of each protocol; [95 % bootstrap CI].\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    logger.info("gathered %d rows into %s", len(rows), out / "results.md")
+    return {name: str(out / name) for name in ("results.json", "results.csv", "results.md")}

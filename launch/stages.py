@@ -1,0 +1,162 @@
+"""Each stage as a plan of jobs: which commands, how many tasks, which depend on which.
+
+The stages' own CLIs stay the single source of truth: a job runs `python -m STAGE ...` with the
+arguments the user gave (plus the few the launcher must set, e.g. an eval cell's --out), and
+everything a stage can check before running (pretrain's config, eval's specs) is checked here
+first, so a typo fails in seconds instead of after a queue wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from launch.cluster import ClusterOptions, LaunchError
+from launch.jobs import StageJob
+from launch.results import gather_eval_table
+from launch.submit import PlannedJob
+
+logger = logging.getLogger(__name__)
+
+
+def _split(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(key=value overrides, everything else) -- the convention of every stage CLI."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return overrides, [a for a in args if a not in overrides]
+
+
+def _job(
+    name: str, module: str, argv: Sequence[str], out_dir: Path, opts: ClusterOptions, **kw
+) -> StageJob:
+    return StageJob(name, module, argv, out_dir, in_process=opts.cluster == "debug",
+                    max_requeues=opts.max_requeues, **kw)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ ingest
+def ingest_out(stage_args: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", required=True)
+    known, _ = parser.parse_known_args(list(stage_args))
+    return Path(known.out).resolve()
+
+
+def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[PlannedJob], Path]:
+    """One job: `python -m curation ingest SRC... --out DIR ...` (a re-run resumes)."""
+    try:
+        out = ingest_out(stage_args)
+    except SystemExit as exc:
+        raise LaunchError(
+            "ingest needs --out DIR (python -m curation ingest SRC... --out DIR)"
+        ) from exc
+    job = _job("ingest", "curation", ["ingest", *stage_args], out, opts)
+    return [PlannedJob("ingest", [job])], out
+
+
+# ------------------------------------------------------------------------------------ pretrain
+def pretrain_output_dir(stage_args: Sequence[str]) -> Path:
+    """Validate the pretraining config exactly as `python -m pretrain` will; return output_dir."""
+    from pretrain.__main__ import compose_config, validate
+    from pretrain.config import ConfigError
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    known, rest = parser.parse_known_args(list(stage_args))
+    overrides, other = _split(rest)
+    if other:
+        raise LaunchError(
+            f"pretrain: unexpected arguments {other} (use --config FILE and key=value)"
+        )
+    try:
+        cfg = compose_config(known.config, overrides)
+        validate(cfg)
+    except ConfigError as exc:
+        raise LaunchError(f"pretrain: {exc}") from exc
+    return Path(str(cfg.output_dir)).resolve()
+
+
+def plan_pretrain(stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (),
+                  validate: bool = True, out_dir: Path | None = None) -> tuple[list[PlannedJob], Path]:  # fmt: skip
+    """One job of nodes x tasks_per_node ranks (one per GPU, or per CPU slot without GPUs)."""
+    out = pretrain_output_dir(stage_args) if validate else Path(out_dir or ".").resolve()
+    tasks = opts.tasks_per_node or max(1, opts.gpus_per_node)
+    if opts.cluster == "debug" and (tasks > 1 or opts.nodes > 1):
+        raise LaunchError("--cluster debug runs one process: use --tasks-per-node 1 --nodes 1")
+    job = _job("pretrain", "pretrain", list(stage_args), out, opts, distributed=True)
+    return [
+        PlannedJob("pretrain", [job], after=list(after), tasks_per_node=tasks, nodes=opts.nodes)
+    ], out
+
+
+# ------------------------------------------------------------------------------------ eval
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch eval", add_help=False)
+    p.add_argument("--backbone", action="append", required=True,
+                   help="repeatable: pretraining output dirs, exports, checkpoints or 'raw'")  # fmt: skip
+    p.add_argument("--protocol", action="append", required=True,
+                   help="repeatable: knn, linear, logreg, fewshot, label_efficiency, all")  # fmt: skip
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--val")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    return p
+
+
+def backbone_label(path: str, taken: set[str]) -> str:
+    """A short directory-safe name per backbone (`raw`, the run directory's name, ...), unique."""
+    p = Path(path)
+    parts = [x for x in p.parts if x not in ("export", "checkpoints", "/")]
+    if p.suffix in (".pt", ".safetensors"):
+        parts[-1] = p.stem
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", parts[-1] if parts else "backbone") or "backbone"
+    label, i = base, 2
+    while label in taken:
+        label, i = f"{base}-{i}", i + 1
+    taken.add(label)
+    return label
+
+
+def plan_eval(stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (),
+              prefix: str = "eval") -> tuple[list[PlannedJob], Path]:  # fmt: skip
+    """An array over backbones x protocols, then one job that gathers OUT/results.{md,csv,json}."""
+    try:
+        known, rest = eval_parser().parse_known_args(list(stage_args))
+    except SystemExit as exc:
+        raise LaunchError("eval needs --backbone, --protocol, --train, --test and --out") from exc
+    overrides, other = _split(rest)
+    if other:
+        raise LaunchError(f"eval: unexpected arguments {other}")
+    out = Path(known.out).resolve()
+    shared = ["--train", known.train, "--test", known.test]
+    shared += ["--val", known.val] if known.val else []
+    shared += ["--config", known.config] if known.config else []
+    taken: set[str] = set()
+    labels = [backbone_label(b, taken) for b in known.backbone]
+    cells, calls = [], []
+    for backbone, label in zip(known.backbone, labels):
+        for protocol in known.protocol:
+            cell_out = out / label / protocol
+            argv = [protocol, "--backbone", backbone, *shared, "--out", str(cell_out), *overrides]
+            calls.append(_job(f"{prefix}-{label}-{protocol}", "eval", argv, out, opts))
+            cells.append(
+                {"backbone": backbone, "label": label, "protocol": protocol, "out": str(cell_out)}
+            )
+    gather = _GatherEval(out, cells)
+    plan = [
+        PlannedJob(f"{prefix}-cells", calls, after=list(after), array=True),
+        PlannedJob(f"{prefix}-table", [gather], after=[f"{prefix}-cells"]),
+    ]
+    return plan, out
+
+
+class _GatherEval:
+    """Picklable callable for the gather job."""
+
+    def __init__(self, out: Path, cells: list[dict[str, str]]):
+        self.out, self.cells = out, cells
+
+    def __call__(self) -> dict[str, str]:
+        return gather_eval_table(self.out, self.cells)

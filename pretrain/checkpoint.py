@@ -1,0 +1,331 @@
+"""Training checkpoints: atomic writes, last-K retention, newest-first resume, RNG capture.
+
+A checkpoint is a plain dict of tensors and builtin containers so that `torch.load(...,
+weights_only=True)` reads it: no pickled classes, numpy arrays or config objects. It also carries
+`backbone_state` + `backbone_config` (the layout `pretrain.backbones.load_backbone` reads), sharing
+storage with the method state, so a checkpoint is directly usable for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain import distributed as du
+
+if TYPE_CHECKING:
+    from pretrain.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (unreadable, wrong format, other method)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(completed steps, path) of complete checkpoints, oldest first; temporary files ignored."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for path in d.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write `ckpt-STEP.pt` via a temporary file + fsync + rename, then drop all but the last K.
+
+    A job killed while writing leaves only a `.tmp` file, never a truncated checkpoint.
+    """
+    d = Path(ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / checkpoint_name(step)
+    tmp = d / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    if keep_last > 0:
+        for _, old in list_checkpoints(d)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    for stale in d.glob(".ckpt-*.pt.tmp"):
+        if stale != tmp:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF errors vary
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a medssl training checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def load_newest(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint; a corrupt one (disk full, bad copy) is logged and skipped."""
+    for step, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            logger.error("skipping checkpoint at step %d: %s", step, exc)
+    return None
+
+
+# ---- RNG states as weights_only-loadable containers -------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """python, numpy, torch CPU and every CUDA device generator, as tensors and tuples."""
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning(
+                "checkpoint has %d CUDA RNG states for %d devices; CUDA RNG not restored",
+                len(cuda_states), torch.cuda.device_count(),
+            )  # fmt: skip
+
+
+# ---- one run directory: checkpoints + export, resume -------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+@contextlib.contextmanager
+def preserve_rng() -> Iterator[dict[str, Any]]:
+    """Run side work (monitors, checkpoints) without moving any RNG the training uses; yields the
+    states at entry, which is what a checkpoint taken inside the block must record."""
+    state = capture_rng()
+    try:
+        yield state
+    finally:
+        restore_rng(state)
+
+
+def gather_rng(state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every rank's RNG states (`state`, default: now), in rank order (collective)."""
+    state = capture_rng() if state is None else state
+    if not du.is_dist():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _prefix_of(root: torch.nn.Module, target: torch.nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return f"{name}." if name else ""
+    raise ValueError("backbone_for_export() is not a submodule of the method")
+
+
+class RunCheckpointer:
+    """Checkpoints and exports of one run directory: every rank calls save/resume (they are
+    collectives under DDP/FSDP), only rank 0 writes files."""
+
+    def __init__(self, cfg: DictConfig, engine: Engine, is_main: bool):
+        self.cfg, self.engine, self.is_main = cfg, engine, is_main
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / CHECKPOINT_DIR
+        self.backbone_prefix = _prefix_of(engine.method, engine.method.backbone_for_export())
+        self.last_saved = -1
+
+    def export_meta(self, step: int, source: str) -> dict[str, Any]:
+        from pretrain.transforms import default_mean_std
+
+        mean, std = default_mean_std(self.cfg.data.channels)
+        return {
+            "method": str(self.cfg.method),
+            "step": step,
+            "source": source,
+            "mean": list(mean),
+            "std": list(std),
+            "window": plain(self.cfg.data.window),
+        }
+
+    def export(self, backbone_state: dict[str, torch.Tensor], step: int, source: str) -> None:
+        """Write output_dir/export via a temporary directory swapped in at the end."""
+        if not self.is_main:
+            return
+        from pretrain.backbones import build_backbone, export_backbone
+
+        backbone = self.engine.method.backbone_for_export()
+        if self.engine.fsdp:  # sharded: a weightless twin takes the gathered full state
+            with torch.device("meta"):
+                backbone = build_backbone({**plain(self.cfg.model), "drop_path_rate": 0.0})
+            backbone.load_state_dict(backbone_state, strict=True, assign=True)
+        final, tmp, old = (
+            self.out / n for n in (EXPORT_DIR, EXPORT_DIR + ".tmp", EXPORT_DIR + ".old")
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_backbone(backbone, tmp, meta=self.export_meta(step, source))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def save(self, epoch: int, batch_in_epoch: int, rng: dict[str, Any] | None = None) -> None:
+        """Checkpoint + export at the current step (collective: every rank calls it).
+
+        epoch, batch_in_epoch: position of the next batch; rng: this rank's RNG states as the next
+        step will find them (default: now).
+        """
+        engine, step = self.engine, self.engine.step
+        model_state, optim_state = engine.state_dicts()
+        rngs = gather_rng(rng)
+        backbone = {
+            k[len(self.backbone_prefix) :]: v
+            for k, v in model_state.items()
+            if k.startswith(self.backbone_prefix)
+        }
+        if self.is_main:
+            state = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "method": str(self.cfg.method),
+                "model": model_state,
+                "optimizer": optim_state,
+                "scaler": engine.scaler.state_dict(),
+                "counters": engine.counters(),
+                "data": {
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "global_batch": engine.global_batch,
+                    "world_size": engine.world_size,
+                },
+                "rng": rngs,
+                "backbone_state": backbone,  # shares storage with "model": stored once
+                "backbone_config": plain(self.cfg.model),
+                "config": plain(self.cfg),
+                "meta": self.export_meta(step, f"{self.cfg.method} step {step}"),
+            }
+            path = save_checkpoint(state, self.ckpt_dir, step, int(self.cfg.train.keep_last))
+            logger.info("checkpoint %s", path)
+        self.export(backbone, step, f"{self.cfg.method} step {step} of {self.out.name}")
+        self.last_saved = step
+        du.barrier()
+
+    def resume(self) -> tuple[int, int, dict[str, Any] | None]:
+        """Load the newest checkpoint into the engine; (epoch, batch_in_epoch, this rank's RNG)."""
+        engine = self.engine
+        found = load_newest(self.ckpt_dir) if self.is_main else None
+        path = [str(found[0]) if found else None]
+        if du.is_dist():
+            dist.broadcast_object_list(path, src=0)
+        if path[0] is None:
+            return 0, 0, None
+        ckpt = found[1] if found else load_checkpoint(path[0])
+        if ckpt["method"] != str(self.cfg.method):
+            raise CheckpointError(
+                f"{path[0]} was written by method {ckpt['method']!r}, not {self.cfg.method!r}"
+            )
+        engine.load_state_dicts(ckpt["model"], ckpt["optimizer"])
+        engine.scaler.load_state_dict(ckpt["scaler"])
+        engine.step = int(ckpt["counters"]["step"])
+        engine.nan_skipped = int(ckpt["counters"]["nan_skipped"])
+        engine.nan_consecutive = int(ckpt["counters"]["nan_consecutive"])
+        data = ckpt["data"]
+        epoch, batch = int(data["epoch"]), int(data["batch_in_epoch"])
+        rng = None
+        if (
+            int(data["world_size"]) == engine.world_size
+            and int(data["global_batch"]) == engine.global_batch
+        ):
+            rng = ckpt["rng"][engine.rank]
+        else:
+            batch = batch * int(data["global_batch"]) // engine.global_batch
+            logger.warning(
+                "resuming with world size %d (global batch %d) from %d (%d): data position rescaled, "
+                "RNG streams reseeded; the run continues but not bit-exactly",
+                engine.world_size, engine.global_batch, data["world_size"], data["global_batch"],
+            )  # fmt: skip
+        for key, (old, new) in _config_changes(ckpt.get("config", {}), plain(self.cfg)).items():
+            logger.warning("config changed since the checkpoint: %s: %r -> %r", key, old, new)
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)", path[0], engine.step, epoch, batch
+        )
+        self.last_saved = engine.step
+        return epoch, batch, rng
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(_config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = (a, b)
+    return changes

@@ -1,0 +1,284 @@
+"""One optimizer update for any registered method: precision, DDP/FSDP, schedules, NaN guard.
+
+`Engine.train_step(batch)` is callable without a data loader (bench/train_step.py times it); the
+loop in `pretrain.train` feeds it batches, checkpoints it and logs what it returns.
+
+DDP wraps the *whole method* (its forward is `forward_loss`), so a method may call its modules in
+any order and any number of times; only parameters of `method.ddp_modules()` are synchronised (the
+rest, e.g. an EMA teacher, is listed as ignored). FSDP2 (`dist.fsdp=true`) shards every ViT block,
+then every parameter-holding child of the method (student *and* teacher, so an EMA update pairs
+local shards of equal shape), then the method as root.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from pretrain import distributed as du
+from pretrain.methods import SSLMethod, StepState, build_method
+from pretrain.optim import apply_lr_wd, build_optimizer, check_param_groups
+from pretrain.schedules import cosine_schedule, lr_scale, steps_from_epochs, value_at
+
+logger = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps: continuing would only burn compute."""
+
+
+def resolve_total_steps(optim: DictConfig, steps_per_epoch: int) -> int:
+    max_steps = int(optim.max_steps)
+    if max_steps >= 0:
+        return max_steps
+    return steps_from_epochs(float(optim.epochs), steps_per_epoch)
+
+
+def build_engine_schedules(
+    optim: DictConfig, total_steps: int, steps_per_epoch: int, global_batch: int
+) -> dict[str, np.ndarray]:
+    """lr (scaled to the global batch, warmup + cosine) and weight decay (cosine) per step."""
+    lr = float(optim.base_lr) * lr_scale(
+        global_batch, int(optim.lr_reference_batch), str(optim.lr_scaling)
+    )
+    if optim.warmup_steps is not None:
+        warmup = int(optim.warmup_steps)
+    else:
+        warmup = steps_from_epochs(float(optim.warmup_epochs), steps_per_epoch)
+    if warmup > total_steps:
+        logger.warning("warmup (%d steps) longer than the run (%d): capped", warmup, total_steps)
+        warmup = total_steps
+    return {
+        "lr": cosine_schedule(lr, float(optim.min_lr), total_steps, warmup_steps=warmup),
+        "wd": cosine_schedule(
+            float(optim.weight_decay), float(optim.weight_decay_end), total_steps
+        ),
+    }
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _shard_fsdp(method: SSLMethod, device: torch.device) -> None:
+    """FSDP2: one group per ViT block (student and teacher alike), the rest in the root group.
+
+    Every computation of a step happens inside `method.forward`, so the root group is gathered
+    exactly then; the engine's other entry points are registered as forward methods. Blocks and
+    root params are sharded per parameter on dim 0, so EMA updates pair equal-shaped local shards.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (du.world_size(),))
+    for module in list(method.modules()):
+        blocks = getattr(module, "blocks", None)
+        if isinstance(blocks, nn.Sequential | nn.ModuleList):
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+    fully_shard(method, mesh=mesh)
+    for name in ("monitor_embeddings", "export_features"):
+        register_fsdp_forward_method(method, name)
+
+
+class Engine:
+    """Method + wrapper + optimizer + scaler + schedules; holds the step counter and NaN counters."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        steps_per_epoch: int = 1,
+    ):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.global_batch = int(cfg.data.batch_size) * world_size
+        self.total_steps = resolve_total_steps(cfg.optim, self.steps_per_epoch)
+        self.precision = str(cfg.train.precision)
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        self.fsdp = bool(cfg.dist.fsdp) and world_size > 1
+
+        du.seed_everything(int(cfg.train.seed))  # identical initial weights on every rank
+        self.method: SSLMethod = build_method(cfg).to(device)
+        self.method.train()
+        n = max(self.total_steps, 1)
+        self.schedules = build_engine_schedules(
+            cfg.optim, n, self.steps_per_epoch, self.global_batch
+        )
+        self.method.lr_schedule = self.schedules["lr"]
+        for name, values in self.method.schedules(n, self.steps_per_epoch).items():
+            if name in self.schedules or len(values) != n:
+                raise ValueError(f"method schedule {name!r}: duplicate name or length != {n}")
+            self.schedules[name] = np.asarray(values, dtype=np.float64)
+
+        if bool(cfg.train.compile):
+            for module in self.method.ddp_modules():
+                module.compile()
+        self.model: nn.Module = self._wrap()
+        groups = self.method.param_groups()
+        check_param_groups(groups, self.method)
+        optim = cfg.optim
+        self.optimizer = build_optimizer(
+            groups, betas=tuple(optim.betas), fused=optim.fused, device=device,
+            name=str(optim.optimizer), lars_eta=float(optim.lars_eta),
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.clip_grad = float(optim.clip_grad)
+        self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        self.step = 0
+        self.nan_skipped = 0
+        self.nan_consecutive = 0
+        self.nan_abort_after = int(cfg.train.nan_abort_after)
+        self.epoch = 0  # set by the loop; read into StepState
+        logger.info(
+            "engine: %s, %d trainable params in %d groups, global batch %d (%d x %d), lr %.3g, "
+            "%d steps (%d/epoch), %s, %s",
+            cfg.method, sum(p.numel() for p in self.trainable), len(groups), self.global_batch,
+            int(cfg.data.batch_size), world_size, self.schedules["lr"].max(), self.total_steps,
+            self.steps_per_epoch, self.precision,
+            "FSDP" if self.fsdp else ("DDP" if world_size > 1 else "single process"),
+        )  # fmt: skip
+
+    # ---- wrapping ------------------------------------------------------------------------------
+    def _wrap(self) -> nn.Module:
+        if self.world_size == 1:
+            return self.method
+        if self.fsdp:
+            _shard_fsdp(self.method, self.device)
+            return self.method
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        synced = {id(p) for m in self.method.ddp_modules() for p in m.parameters()}
+        synced |= {id(b) for m in self.method.ddp_modules() for b in m.buffers()}
+        ignored = [n for n, p in self.method.named_parameters() if id(p) not in synced]
+        ignored += [n for n, b in self.method.named_buffers() if id(b) not in synced]
+        DDP._set_params_and_buffers_to_ignore_for_model(self.method, ignored)
+        return DDP(
+            self.method,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,  # buffers of ddp_modules agree at init; EMA state is rank-local
+            find_unused_parameters=bool(self.cfg.dist.find_unused_parameters),
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step_state(self, step: int | None = None) -> StepState:
+        step = self.step if step is None else step
+        values = {k: value_at(v, step) for k, v in self.schedules.items() if k not in ("lr", "wd")}
+        return StepState(
+            step=step,
+            max_steps=self.total_steps,
+            epoch=self.epoch,
+            world_size=self.world_size,
+            rank=self.rank,
+            device=self.device,
+            lr=value_at(self.schedules["lr"], step),
+            wd=value_at(self.schedules["wd"], step),
+            values=values,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def _grad_norm(self) -> Tensor:
+        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True)
+        full = getattr(norm, "full_tensor", None)  # DTensor under FSDP
+        return (full() if callable(full) else norm).detach().float()
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """One update at `self.step`; returns tensors (no host sync) + `skipped`/`overflow` flags."""
+        state = self.step_state()
+        apply_lr_wd(self.optimizer, state.lr, state.wd, state.values.get("last_layer_lr"))
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = to_device(batch, self.device)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):  # fmt: skip
+            loss, terms = self.model(batch, state)
+        self.scaler.scale(loss).backward()
+        self.method.on_after_backward(state)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        # One host sync per step: every rank must agree to skip (loss is rank-local).
+        flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm)])
+        flags = du.all_reduce_max(flags.float().to(self.device)).cpu()
+        loss_bad, grad_bad = bool(flags[0]), bool(flags[1])
+        # fp16: inf grads with a finite loss are an overflow the GradScaler handles by itself.
+        overflow = self.scaler.is_enabled() and grad_bad and not loss_bad
+        skipped = loss_bad or (grad_bad and not overflow)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_skipped += 1
+            self.nan_consecutive += 1
+            logger.warning(
+                "step %d: non-finite %s, update skipped (%d in a row, %d total)",
+                self.step, "loss" if loss_bad else "gradient", self.nan_consecutive, self.nan_skipped,
+            )  # fmt: skip
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self.nan_consecutive = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if not overflow:
+                self.method.on_after_step(state)
+        self.step += 1
+        if self.nan_consecutive >= self.nan_abort_after > 0:
+            raise TrainingDiverged(
+                f"{self.nan_consecutive} consecutive steps (up to step {self.step - 1}) had a "
+                f"non-finite loss or gradient; aborting. Lower optim.base_lr, raise warmup, use "
+                f"train.precision=fp32 or bf16, or check the data; the last good checkpoint is kept."
+            )
+        return {
+            "loss": loss.detach(),
+            "terms": {k: v.detach() for k, v in terms.items()},
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+            "overflow": overflow,
+            "state": state,
+        }
+
+    # ---- checkpoint state ----------------------------------------------------------------------
+    def _sd_options(self, full_cpu: bool = True) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=full_cpu)
+
+    def state_dicts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Full (unsharded) model and optimizer state, on CPU; a collective under FSDP."""
+        return get_state_dict(self.method, self.optimizer, options=self._sd_options())
+
+    def load_state_dicts(self, model_state: dict[str, Tensor], optim_state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.method,
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True, strict=True),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "nan_skipped": self.nan_skipped,
+            "nan_consecutive": self.nan_consecutive,
+        }

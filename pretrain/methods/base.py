@@ -1,0 +1,121 @@
+"""The contract between the training engine and one self-supervised method.
+
+A method owns its modules (student/teacher backbones, heads), its views, its loss and its per-step
+updates (EMA, last-layer freezing). The engine owns everything else: data, precision, DDP/FSDP,
+optimizer, schedules, checkpoints, logs. So adding a method is one file plus one YAML section.
+
+Schedules a method returns are read by the engine at every step into `state.values[name]` and
+logged. One name has a meaning for the engine itself:
+  "last_layer_lr": the absolute lr used for param groups flagged `is_last_layer` instead of the
+  scheduled lr (DINOv2: the lr schedule with zeros while the head's last layer is frozen). Build it
+  from `state`-independent quantities with `self.lr_schedule` (set by the engine before calling
+  `schedules`: the scaled lr schedule every other group follows).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """What a method may know about the step it is computing (read-only for the method)."""
+
+    step: int
+    max_steps: int
+    epoch: int
+    world_size: int
+    rank: int
+    device: torch.device
+    lr: float
+    wd: float
+    values: dict[str, float] = field(default_factory=dict)
+    autocast_dtype: torch.dtype | None = None
+
+
+class SSLMethod(nn.Module):
+    """Base class: subclass, set `name`, decorate with `@register_method(name)`."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Scaled lr schedule the engine drives every group with; set before `schedules()` is called.
+        self.lr_schedule: np.ndarray | None = None
+
+    # ---- data ----------------------------------------------------------------------------------
+    def build_transform(self) -> Callable:
+        """Per-sample view transform for the loader (input: float C×H×W in [0, 1])."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_transform()")
+
+    def collate(self, samples: list) -> Any:
+        return default_collate(samples)
+
+    # ---- step ----------------------------------------------------------------------------------
+    def forward_loss(self, batch: Any, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss to backpropagate + detached named terms to log.
+
+        `batch` is what the loader yields: (collated views, labels), on `state.device`. Under
+        FSDP every module call of the step must happen in here (it runs as the root's forward).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define forward_loss()")
+
+    def forward(self, batch: Any, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        # DDP hooks run on forward(); routing through it lets DDP wrap the whole method.
+        return self.forward_loss(batch, state)
+
+    def param_groups(self) -> list[dict]:
+        """Default: layer-wise decay over all trainable params from cfg.optim."""
+        from pretrain.optim import param_groups_lrd
+
+        optim = self.cfg.optim
+        return param_groups_lrd(
+            self,
+            1.0,
+            float(optim.layer_decay),
+            float(optim.patch_embed_lr_mult),
+        )
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def on_after_backward(self, state: StepState) -> None:
+        """Hook between backward and the optimizer step (e.g. cancel last-layer grads)."""
+
+    @torch.no_grad()
+    def on_after_step(self, state: StepState) -> None:
+        """Hook after a successful optimizer step (e.g. EMA teacher update)."""
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def backbone_for_export(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define backbone_for_export()")
+
+    def monitor_embeddings(self, batch: Any) -> Tensor | dict[str, Tensor] | None:
+        """Embeddings (B, D) of a batch for the collapse monitors; None to skip them.
+
+        May instead return {"embeddings": (B, D), "probs": (B, K)} where probs are the teacher's
+        output distributions (prototype methods), which adds the teacher-entropy monitors.
+        """
+        return None
+
+    @torch.no_grad()
+    def export_features(self, images: Tensor) -> Tensor:
+        """Pooled features of the exported backbone (online k-NN); routed through the method so
+        that FSDP gathers parameters for it like for a training forward."""
+        return self.backbone_for_export()(images)
+
+    def ddp_modules(self) -> list[nn.Module]:
+        """Modules that receive gradients; EMA teachers are not in this list."""
+        return [self]

@@ -1,0 +1,468 @@
+"""DINOv2 (Oquab et al. 2023) on the shared engine: self-distillation with an EMA teacher.
+
+Per step: the teacher (EMA of the student, never backpropagated) sees the 2 global crops; the
+student sees the same global crops -- with block-masked patches on half of them -- and the local
+crops. Losses: DINO cross-entropy between teacher and student class-token prototypes (every view
+against every *other* global view), iBOT cross-entropy on the masked patch tokens, and KoLeo on the
+student's global class tokens. The teacher targets are sharpened (temperature warmup 0.04 -> 0.07)
+and balanced by softmax-centering or Sinkhorn-Knopp.
+
+Speed: one backbone forward per crop size (the globals concatenated, the locals concatenated),
+one student head call for all local/global class tokens and masked patches together, one
+teacher head call, and the EMA as a single fused `torch._foreach_lerp_` over all parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+from pretrain.backbones import build_backbone
+from pretrain.heads import DINOHead
+from pretrain.losses import DINOLoss, iBOTPatchLoss, koleo_loss
+from pretrain.masking import BlockMaskGenerator, sample_crop_masks
+from pretrain.methods import register_method
+from pretrain.methods.base import SSLMethod, StepState
+from pretrain.optim import param_groups_lrd
+from pretrain.schedules import (
+    cosine_schedule,
+    freeze_first,
+    steps_from_epochs,
+    warmup_then_constant,
+)
+from pretrain.transforms import MultiCropTransform
+
+logger = logging.getLogger(__name__)
+
+
+class MaskToken(nn.Module):
+    """The learned embedding that replaces masked patches in the student (zeros at start, DINOv2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+
+
+def vit_tokens(
+    vit: VisionTransformer, x: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(class token (B, D), patch tokens (B, N, D)) after the final norm, masked patches replaced.
+
+    timm's forward_features has no masking hook, so this repeats its steps with the mask applied
+    right after the patch embedding, before position embeddings (as DINOv2 does).
+    """
+    x = vit.patch_embed(x)  # (B, N, D), or (B, H, W, D) with dynamic_img_size
+    if masks is not None:
+        keep = masks.view(x.shape[:-1]).unsqueeze(-1)
+        x = torch.where(keep, mask_token.to(x.dtype), x)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    x = vit.norm(x)
+    return x[:, 0], x[:, vit.num_prefix_tokens :]
+
+
+class DINOv2Network(nn.Module):
+    """Backbone + DINO head (+ iBOT head when separate) (+ mask token for the student).
+
+    `forward` is the whole student pass, so that DDP/FSDP wrapping the student sees one call.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dino_head: nn.Module,
+        ibot_head: nn.Module | None,
+        mask_token: MaskToken | None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+        self.mask_token = mask_token
+        self.is_vit = isinstance(backbone, VisionTransformer)
+
+    def tokens(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.is_vit:
+            token = None if self.mask_token is None else self.mask_token.mask_token
+            return vit_tokens(self.backbone, x, masks, token)
+        if masks is not None:
+            raise ValueError("iBOT masking needs a ViT backbone (set dinov2.ibot.loss_weight=0)")
+        return self.backbone(x), None
+
+    def heads(
+        self, cls_parts: list[Tensor], patches: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One DINO-head call for all class tokens (and masked patches when the head is shared)."""
+        sizes = [p.shape[0] for p in cls_parts]
+        if patches is not None and self.ibot_head is None:
+            out = self.dino_head(torch.cat([*cls_parts, patches]))
+            return out[: sum(sizes)], out[sum(sizes) :]
+        cls_out = (
+            self.dino_head(torch.cat(cls_parts))
+            if len(cls_parts) > 1
+            else self.dino_head(cls_parts[0])
+        )
+        patch_out = None if patches is None else self.ibot_head(patches)
+        return cls_out, patch_out
+
+    def forward(
+        self,
+        global_crops: Tensor,
+        local_crops: Tensor | None,
+        masks: Tensor | None,
+        mask_indices: Tensor | None,
+    ) -> dict[str, Tensor | None]:
+        """Student pass: one backbone call per crop size, one head call. Returns logits + features."""
+        global_cls, global_patches = self.tokens(global_crops, masks)
+        cls_parts = [global_cls]
+        if local_crops is not None and local_crops.shape[0] > 0:
+            local_cls, _ = self.tokens(local_crops)
+            cls_parts.append(local_cls)
+        masked = None
+        if mask_indices is not None:
+            masked = global_patches.flatten(0, 1).index_select(0, mask_indices)
+        cls_logits, patch_logits = self.heads(cls_parts, masked)
+        n_global = global_cls.shape[0]
+        return {
+            "global_cls": global_cls,
+            "global_logits": cls_logits[:n_global],
+            "local_logits": cls_logits[n_global:] if len(cls_parts) > 1 else None,
+            "masked_patch_logits": patch_logits,
+        }
+
+    @torch.no_grad()
+    def teacher_forward(
+        self, global_crops: Tensor, mask_indices: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher pass on the unmasked global crops: class logits and the logits of the patches
+        that the student sees masked."""
+        cls, patches = self.tokens(global_crops)
+        masked = None
+        if mask_indices is not None:
+            masked = patches.flatten(0, 1).index_select(0, mask_indices)
+        return self.heads([cls], masked)
+
+
+@torch.no_grad()
+def ema_update_(teacher: list[Tensor], student: list[Tensor], momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, one fused kernel for all tensors."""
+    if momentum >= 1.0:
+        return
+    torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+
+def _is_last_layer(name: str) -> bool:
+    return name.startswith("last_layer.") or ".last_layer." in name
+
+
+@register_method("dinov2")
+class DINOv2(SSLMethod):
+    name = "dinov2"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        c = cfg.dinov2
+        self.c = c
+        backbone = build_backbone(cfg.model)
+        embed_dim = int(backbone.num_features)
+        self.do_ibot = float(c.ibot.loss_weight) > 0
+        self.do_koleo = float(c.dino.koleo_loss_weight) > 0
+        is_vit = isinstance(backbone, VisionTransformer)
+        if self.do_ibot and not is_vit:
+            raise ValueError(
+                f"iBOT needs a ViT; model.arch={cfg.model.arch}: set dinov2.ibot.loss_weight=0"
+            )
+        self.n_local = int(c.crops.local_crops_number)
+        self.global_size = int(c.crops.global_crops_size)
+        self.local_size = int(c.crops.local_crops_size)
+        if is_vit:
+            patch = int(cfg.model.patch_size)
+            for key, size in (("global", self.global_size), ("local", self.local_size)):
+                if size % patch:
+                    raise ValueError(
+                        f"dinov2.crops.{key}_crops_size={size} is not a multiple of model.patch_size="
+                        f"{patch} (DINOv2 ViT-*/14 uses 224 and 98)"
+                    )
+            if self.global_size != int(cfg.model.img_size) and not cfg.model.dynamic_img_size:
+                raise ValueError(
+                    "global crops differ from model.img_size: set model.dynamic_img_size=true"
+                )
+            if self.n_local and not cfg.model.dynamic_img_size:
+                raise ValueError(
+                    "local crops need model.dynamic_img_size=true (pos-embed resampled)"
+                )
+            self.grid = self.global_size // patch
+            self.mask_generator = BlockMaskGenerator(self.grid)
+
+        def head(section: DictConfig) -> DINOHead:
+            return DINOHead(
+                embed_dim,
+                int(section.head_n_prototypes),
+                int(section.head_hidden_dim),
+                int(section.head_bottleneck_dim),
+                int(section.head_nlayers),
+            )
+
+        separate = self.do_ibot and bool(c.ibot.separate_head)
+        self.student = DINOv2Network(
+            backbone,
+            head(c.dino),
+            head(c.ibot) if separate else None,
+            MaskToken(embed_dim) if self.do_ibot else None,
+        )
+        teacher = copy.deepcopy(self.student)
+        teacher.mask_token = None  # the teacher never sees masked inputs
+        for module in teacher.modules():  # no stochastic depth in the teacher
+            if hasattr(module, "drop_prob"):
+                module.drop_prob = 0.0
+        teacher.requires_grad_(False)  # never in the optimizer, ignored by DDP's gradient sync
+        self.teacher = teacher
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
+
+        centering = str(c.centering)
+        ibot_dim = int(c.ibot.head_n_prototypes if separate else c.dino.head_n_prototypes)
+        self.dino_loss = DINOLoss(
+            int(c.dino.head_n_prototypes), float(c.student_temp), float(c.center_momentum),
+            centering, int(c.sinkhorn_iterations),
+        )  # fmt: skip
+        self.ibot_loss = iBOTPatchLoss(
+            ibot_dim, float(c.student_temp), float(c.center_momentum), centering,
+            int(c.sinkhorn_iterations),
+        )  # fmt: skip
+        logger.info(
+            "DINOv2: %s (%d features), %d prototypes, iBOT %s (%s head), KoLeo %.3g, %s, "
+            "crops 2x%d + %dx%d",
+            cfg.model.arch, embed_dim, c.dino.head_n_prototypes, self.do_ibot,
+            "separate" if separate else "shared", c.dino.koleo_loss_weight, centering,
+            self.global_size, self.n_local, self.local_size,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------ mode, data
+
+    def train(self, mode: bool = True) -> DINOv2:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses drop path / dropout
+        return self
+
+    def build_transform(self) -> Callable:
+        c = self.c.crops
+        # Blur probabilities inside MultiCropTransform are the intended 1.0 (global 1) / 0.1
+        # (global 2) / 0.5 (locals). DINOv2's code passes p to a GaussianBlur that applies it as
+        # 1 - p, so it never blurs global crop 1 and blurs global crop 2 with p = 0.9; we do not.
+        return MultiCropTransform(
+            self.global_size,
+            self.local_size,
+            self.n_local,
+            global_scale=tuple(c.global_crops_scale),
+            local_scale=tuple(c.local_crops_scale),
+            preset=str(c.preset),
+            channels=self.cfg.data.channels,
+        )
+
+    def _masks(self, n_crops: int) -> Tensor | None:
+        if not self.do_ibot:
+            return None
+        return sample_crop_masks(
+            n_crops,
+            self.mask_generator,
+            tuple(self.c.ibot.mask_ratio_min_max),
+            float(self.c.ibot.mask_sample_probability),
+        )
+
+    def collate(self, samples: list) -> dict[str, Any]:
+        """Per-sample views -> crop-major tensors [crop0 of all images, crop1 of all...] + masks."""
+        views = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
+        return self.prepare_batch(default_collate(views))
+
+    def prepare_batch(self, batch: Any) -> dict[str, Any]:
+        """Accept a loader batch ((views, labels) or views as default_collate makes them) or an
+        already prepared batch; return {"global_crops", "local_crops", "masks", "mask_indices"}."""
+        if isinstance(batch, dict) and "masks" in batch:
+            return batch
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, dict) or "global_crops" not in batch:
+            raise TypeError(
+                "dinov2 expects batches of multi-crop views {'global_crops', 'local_crops'} "
+                f"(from build_transform), got {type(batch).__name__}"
+            )
+        global_crops = torch.cat(list(batch["global_crops"]))
+        local = list(batch.get("local_crops") or [])
+        local_crops = torch.cat(local) if local else None
+        masks = self._masks(global_crops.shape[0])
+        mask_indices = None
+        if masks is not None:
+            mask_indices = masks.flatten().nonzero().flatten()
+        return {
+            "global_crops": global_crops,
+            "local_crops": local_crops,
+            "masks": masks,
+            "mask_indices": mask_indices,
+        }
+
+    # ------------------------------------------------------------------------------ the step
+
+    def forward_loss(self, batch: Any, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        b = self.prepare_batch(batch)
+        device = state.device
+        move = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
+            for k, v in b.items()
+        }
+        global_crops, local_crops = move["global_crops"], move["local_crops"]
+        masks, mask_indices = move["masks"], move["mask_indices"]
+        if mask_indices is not None and mask_indices.numel() == 0 and not self._dist():
+            masks = mask_indices = None  # nothing masked in this batch (tiny grids)
+        n_global = 2
+        batch_size = global_crops.shape[0] // n_global
+        teacher_temp = float(state.values.get("teacher_temp", self.c.teacher.teacher_temp))
+
+        with torch.no_grad():
+            t_cls_logits, t_patch_logits = self.teacher.teacher_forward(global_crops, mask_indices)
+            t_probs = self.dino_loss.teacher_probs(t_cls_logits, teacher_temp)
+            t_probs = t_probs.view(n_global, batch_size, -1)
+            t_patch_probs = None
+            if t_patch_logits is not None:
+                t_patch_probs = self.ibot_loss.teacher_probs(t_patch_logits, teacher_temp)
+
+        out = self.student(global_crops, local_crops, masks, mask_indices)
+        k = out["global_logits"].shape[-1]
+        local_logits = out["local_logits"]
+        dino = self.dino_loss(
+            out["global_logits"].view(n_global, batch_size, k),
+            None if local_logits is None else local_logits.view(-1, batch_size, k),
+            t_probs,
+        )
+        loss = float(self.c.dino.loss_weight) * dino
+        terms: dict[str, Tensor] = {"dino": dino.detach()}
+        if self.do_koleo:
+            # Per global crop (never between two views of the same image), summed as in DINOv2.
+            koleo = sum(koleo_loss(chunk) for chunk in out["global_cls"].chunk(n_global))
+            loss = loss + float(self.c.dino.koleo_loss_weight) * koleo
+            terms["koleo"] = koleo.detach() / n_global
+        if t_patch_probs is not None:
+            ibot = self.ibot_loss(out["masked_patch_logits"], t_patch_probs, masks)
+            loss = loss + float(self.c.ibot.loss_weight) * ibot
+            terms["ibot"] = ibot.detach()
+        return loss, terms
+
+    @staticmethod
+    def _dist() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    # ------------------------------------------------------------------------------ optimisation
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optim
+        student = self.student
+        groups = param_groups_lrd(
+            student.backbone,
+            layer_decay=float(o.layer_decay),
+            patch_embed_lr_mult=float(o.patch_embed_lr_mult),
+            prefix="backbone.",
+        )
+        n_blocks = len(getattr(student.backbone, "blocks", []))
+        if student.mask_token is not None:
+            # An embedding-level parameter: the deepest layer decay, like patch/pos embeddings.
+            groups += param_groups_lrd(
+                student.mask_token,
+                layer_decay=float(o.layer_decay),
+                prefix="mask_token.",
+                num_layers=n_blocks,
+            )
+        for name in ("dino_head", "ibot_head"):
+            head = getattr(student, name)
+            if head is not None:
+                groups += param_groups_lrd(
+                    head, is_last_layer=_is_last_layer, prefix=f"{name}.", num_layers=0
+                )
+        return groups
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        t = self.c.teacher
+        warmup = min(
+            steps_from_epochs(float(t.warmup_teacher_temp_epochs), steps_per_epoch), total_steps
+        )
+        freeze = min(
+            steps_from_epochs(float(self.c.freeze_last_layer_epochs), steps_per_epoch), total_steps
+        )
+        return {
+            "momentum": cosine_schedule(
+                float(t.momentum_teacher), float(t.final_momentum_teacher), total_steps
+            ),
+            "teacher_temp": warmup_then_constant(
+                float(t.warmup_teacher_temp), float(t.teacher_temp), warmup, total_steps
+            ),
+            # the prototypes follow the lr schedule, but stay frozen (lr 0) for the first epoch(s)
+            "last_layer_lr": freeze_first(self._lr_schedule(total_steps), freeze),
+        }
+
+    def _lr_schedule(self, total_steps: int) -> np.ndarray:
+        if self.lr_schedule is None:
+            raise RuntimeError("the engine must set method.lr_schedule before calling schedules()")
+        if len(self.lr_schedule) != total_steps:
+            raise RuntimeError(
+                f"lr_schedule has {len(self.lr_schedule)} steps, schedules() asked for {total_steps}"
+            )
+        return np.asarray(self.lr_schedule, dtype=np.float64)
+
+    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        if self._ema_pairs is None:
+            student = dict(_unwrap(self.student).named_parameters())
+            teacher = dict(self.teacher.named_parameters())
+            missing = sorted(set(teacher) - set(student))
+            if missing:
+                raise RuntimeError(f"teacher parameters without student counterpart: {missing[:5]}")
+            names = sorted(teacher)
+            self._ema_pairs = ([teacher[n] for n in names], [student[n].detach() for n in names])
+        return self._ema_pairs
+
+    @torch.no_grad()
+    def on_after_step(self, state: StepState) -> None:
+        momentum = float(state.values.get("momentum", self.c.teacher.momentum_teacher))
+        ema_update_(*self._pairs(), momentum)
+
+    # ------------------------------------------------------------------------------ outputs
+
+    def backbone_for_export(self) -> nn.Module:
+        return self.teacher.backbone  # DINOv2 evaluates (and releases) the teacher
+
+    @torch.no_grad()
+    def monitor_embeddings(self, batch: Any) -> dict[str, Tensor]:
+        """Teacher class tokens of the first global crops, and the teacher's target distributions
+        on them (with the current center, without updating it) for the entropy monitors."""
+        views = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(views, dict) and "masks" in views:
+            crops = views["global_crops"]
+            first = crops[: crops.shape[0] // 2]
+        else:
+            first = views["global_crops"][0]
+        first = first.to(next(self.teacher.parameters()).device)
+        cls, _ = self.teacher.tokens(first)
+        logits, _ = self.teacher.heads([cls], None)
+        temp = float(self.c.teacher.teacher_temp)
+        if self.dino_loss.centering == "sinkhorn_knopp":
+            probs = torch.softmax(logits.float() / temp, dim=-1)
+        else:
+            probs = self.dino_loss.softmax_center(logits, temp)
+        return {"embeddings": cls.float(), "probs": probs}
+
+    def ddp_modules(self) -> list[nn.Module]:
+        return [self.student]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module

@@ -1,0 +1,155 @@
+"""SimCLR (Chen et al. 2020; v2 head, REMEDIS recipe) on the shared engine: contrast two views.
+
+Per step: two independently augmented views of every image go through the backbone *together*
+(one call, so BatchNorm normalises over both views, as in SimCLR's TPU code) and the projection
+head; NT-Xent pulls the two views of an image together against every other view in the *global*
+batch. Negatives from all ranks are gathered with `all_gather_with_grad`, whose backward returns
+each rank its slice of the summed gradients, so 2 ranks x B images train like 1 x 2B images.
+Under DDP on GPU the BatchNorms become SyncBatchNorm (`simclr.sync_bn`): per-rank BN statistics
+leak which samples share a rank and let the network cheat the contrastive task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pretrain import distributed as du
+from pretrain.backbones import build_backbone
+from pretrain.methods import register_method
+from pretrain.methods.base import SSLMethod, StepState
+from pretrain.optim import param_groups_lrd
+from pretrain.transforms import SimCLRTransform
+
+logger = logging.getLogger(__name__)
+
+
+def projection_head(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int, bn: bool
+) -> nn.Sequential:
+    """SimCLR v2 projection: (layers - 1) x [Linear, BN, ReLU] + Linear (+ BN without bias).
+
+    With BN the linears carry no bias (BN's shift replaces it), as in SimCLR's `linear_layer`.
+    """
+    if layers < 1:
+        raise ValueError(f"simclr.proj_layers must be >= 1, got {layers}")
+    mods: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(dim, hidden_dim, bias=not bn)]
+        mods += [nn.BatchNorm1d(hidden_dim)] if bn else []
+        mods += [nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    mods.append(nn.Linear(dim, out_dim, bias=not bn))
+    if bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=False))  # SimCLR: center=False, no scale on last
+    return nn.Sequential(*mods)
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
+    """NT-Xent over the global batch: mean over this rank's 2B anchors of
+    -log( exp(s(a, a+)/t) / sum_{k != a} exp(s(a, k)/t) ), s = cosine similarity,
+    k ranging over all 2N views of all ranks (SimCLR's `add_contrastive_loss`, averaged).
+
+    z1, z2: (B, D) projections of view 1 / view 2 of this rank's images.
+    """
+    z1 = F.normalize(z1.float(), dim=-1)
+    z2 = F.normalize(z2.float(), dim=-1)
+    b = z1.shape[0]
+    if gather and du.is_dist():
+        k1, k2 = du.all_gather_with_grad(z1), du.all_gather_with_grad(z2)
+        offset = torch.distributed.get_rank() * b
+    else:
+        k1, k2, offset = z1, z2, 0
+    n = k1.shape[0]
+    idx = torch.arange(b, device=z1.device) + offset
+    self_mask = F.one_hot(idx, n).bool()
+    logits_aa = (z1 @ k1.T / temperature).masked_fill(self_mask, float("-inf"))
+    logits_bb = (z2 @ k2.T / temperature).masked_fill(self_mask, float("-inf"))
+    logits_ab = z1 @ k2.T / temperature
+    logits_ba = z2 @ k1.T / temperature
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), idx)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), idx)
+    return 0.5 * (loss_a + loss_b)
+
+
+@register_method("simclr")
+class SimCLR(SSLMethod):
+    name = "simclr"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        c = cfg.simclr
+        self.c = c
+        self.backbone = build_backbone(cfg.model)
+        dim = int(self.backbone.num_features)
+        hidden = int(c.proj_hidden_dim or dim)
+        self.head = projection_head(
+            dim, hidden, int(c.proj_out_dim), int(c.proj_layers), bool(c.proj_bn)
+        )
+        self.temperature = float(c.temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"simclr.temperature must be > 0, got {self.temperature}")
+        self.img_size = int(c.img_size or cfg.model.img_size)
+        synced = False
+        if bool(c.sync_bn) and du.is_dist() and torch.distributed.get_backend() == "nccl":
+            # SyncBatchNorm runs on GPUs only; gloo/CPU runs keep per-rank BN (documented above)
+            self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
+            self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
+            synced = True
+        logger.info(
+            "SimCLR: %s (%d features), head %d layers -> %d, temperature %.3g, SyncBN %s",
+            cfg.model.arch, dim, int(c.proj_layers), int(c.proj_out_dim), self.temperature, synced,
+        )  # fmt: skip
+
+    def build_transform(self) -> Callable:
+        channels = self.cfg.data.channels or int(self.cfg.model.in_chans)
+        return SimCLRTransform(
+            self.img_size, scale=tuple(self.c.crop_scale), preset=str(self.c.preset),
+            channels=channels,
+        )  # fmt: skip
+
+    @staticmethod
+    def views_of(batch: Any) -> tuple[Tensor, Tensor]:
+        views = batch
+        if isinstance(batch, (list, tuple)) and isinstance(batch[0], (list, tuple)):
+            views = batch[0]  # (views, labels) from the loader
+        if isinstance(views, (list, tuple)) and len(views) == 2 and isinstance(views[0], Tensor):
+            return views[0], views[1]
+        raise TypeError(
+            "simclr expects batches ([view1 B x C x H x W, view2], labels) from build_transform"
+        )
+
+    def forward_loss(self, batch: Any, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        v1, v2 = (v.to(state.device, non_blocking=True) for v in self.views_of(batch))
+        z = self.head(self.backbone(torch.cat([v1, v2])))
+        z1, z2 = z.chunk(2)
+        loss = nt_xent_loss(z1, z2, self.temperature)
+        with torch.no_grad():
+            pos = F.cosine_similarity(z1.float(), z2.float(), dim=-1).mean()
+        return loss, {"positive_cosine": pos}
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optim
+        groups = param_groups_lrd(
+            self.backbone, layer_decay=float(o.layer_decay),
+            patch_embed_lr_mult=float(o.patch_embed_lr_mult), prefix="backbone.",
+        )  # fmt: skip
+        return groups + param_groups_lrd(self.head, prefix="head.", num_layers=0)
+
+    def backbone_for_export(self) -> nn.Module:
+        return self.backbone
+
+    @torch.no_grad()
+    def monitor_embeddings(self, batch: Any) -> Tensor:
+        v1, _ = self.views_of(batch)
+        return self.backbone(v1.to(next(self.backbone.parameters()).device)).float()
+
+    def ddp_modules(self) -> list[nn.Module]:
+        return [self]

@@ -1,0 +1,247 @@
+"""The launcher without SLURM: flags, attempt records, failures, signals, local and debug clusters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.__main__ import build_parser
+from launch.__main__ import main as launch_main
+from launch.attempts import read_attempts
+from launch.cluster import LaunchError, options_from_args
+from launch.jobs import StageFailed, StageJob, TaskPlace
+from launch.pipeline import plan_pipeline
+from launch.results import gather_eval_table
+from launch.stages import backbone_label
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _opts(argv: list[str], out: Path):
+    args, rest = build_parser().parse_known_args(argv)
+    return options_from_args(args, out), rest
+
+
+def test_cluster_flags_are_validated_with_the_flag_named(tmp_path):
+    opts, rest = _opts(["pretrain", "--config", "r.yaml", "a.b=1", "--cluster", "slurm", "--nodes", "2",
+                        "--gpus-per-node", "8", "--partition", "gpu", "--mem-gb", "64"], tmp_path)  # fmt: skip
+    assert rest == ["--config", "r.yaml", "a.b=1"]  # the stage's own arguments pass through
+    assert (opts.nodes, opts.gpus_per_node, opts.partition, opts.mem_gb) == (2, 8, "gpu", 64.0)
+    assert opts.folder == (tmp_path / "launch" / "submitit").resolve()
+    for argv, message in [
+        (["--cluster", "local", "--nodes", "2"], "--cluster local runs on one node"),
+        (["--max-requeues", "-1"], "--max-requeues must be >= 0"),
+        (["--tasks-per-node", "0"], "--tasks-per-node must be >= 1"),
+    ]:
+        with pytest.raises(LaunchError, match=message):
+            _opts(["pretrain", *argv], tmp_path)
+
+
+def test_task_place_exports_torchrun_variables_and_a_shared_port():
+    place = TaskPlace("4242", rank=3, local_rank=1, world_size=4, num_nodes=2, master_addr="gpu03",
+                      restart_count=0, cluster="slurm")  # fmt: skip
+    env = place.dist_env()
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "gpu03", "MASTER_PORT": env["MASTER_PORT"]}  # fmt: skip
+    other_rank = TaskPlace("4242", 0, 0, 4, 2, "gpu03", 0, "slurm")
+    requeued = TaskPlace("4242", 3, 1, 4, 2, "gpu03", 1, "slurm")
+    assert other_rank.master_port() == place.master_port()  # every task agrees without talking
+    assert requeued.master_port() != place.master_port()  # a new attempt does not meet the old
+    assert 20000 <= place.master_port() <= 60000
+
+
+def test_failed_stage_raises_with_stderr_tail_and_records_each_attempt(tmp_path):
+    out = tmp_path / "shards"
+    job = StageJob(
+        "ingest", "curation", ["ingest", str(tmp_path / "missing"), "--out", str(out)], out
+    )
+    for attempt in (1, 2):
+        with pytest.raises(StageFailed) as info:
+            job()
+        message = str(info.value)
+        assert "ingest failed with exit code 2" in message
+        assert f"attempt {attempt}" in message
+        tail = message.split("--- last lines of stderr ---", 1)[1]
+        assert f"{tmp_path / 'missing'}: no such file or directory" in tail
+    records = read_attempts(out)
+    assert [(r["event"], r["attempt"]) for r in records] == [
+        ("start", 1),
+        ("end", 1),
+        ("start", 2),
+        ("end", 2),
+    ]
+    assert all(
+        r["status"] == "failed" and r["returncode"] == 2 for r in records if r["event"] == "end"
+    )
+    log_dir = Path(records[2]["log_dir"])
+    assert log_dir.name.startswith("attempt-02-job-") and (log_dir / "rank0.err").is_file()
+
+
+SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    import launch.jobs as jobs
+    jobs.STOP_WAIT_S = 1.0
+    job = jobs.StageJob("sleeper", "timeit", ["-n", "1", "import time; time.sleep(60)"], sys.argv[2])
+    try:
+        job()
+    except jobs.StageStopped as exc:
+        print("STOPPED", exc, flush=True)
+        sys.exit(3)
+    """
+)
+
+
+def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
+    """SLURM's SIGTERM (requeue, preemption) reaches both the task process and its child: the
+    attempt is recorded as stopped and no failure is reported for the stage."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, str(REPO), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(r["event"] == "start" for r in read_attempts(out)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)  # let the child start
+    child = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
+    os.kill(child, signal.SIGTERM)  # as slurmstepd does: every process of the step
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "stopped by SIGTERM" in stdout
+    end = [r for r in read_attempts(out) if r["event"] == "end"]
+    assert [(e["status"], e["signal"], e["returncode"]) for e in end] == [
+        ("stopped", "SIGTERM", -15)
+    ]
+
+
+def test_cli_refuses_a_bad_pretrain_config_before_submitting(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = launch_main(["pretrain", f"output_dir={out}", f"data.train={tmp_path}/x.npz:train",
+                        "optim.max_steps=1", "optim.bogus=1", "--cluster", "slurm"])  # fmt: skip
+    assert code == 2
+    assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
+    assert not out.exists()  # nothing queued, nothing written
+
+
+def test_local_cluster_ranks_form_one_gloo_group(tmp_path, medssl_data, capsys):
+    """Two local tasks -> two `python -m pretrain` ranks joined by the launcher's RANK/MASTER_*."""
+    out = tmp_path / "run"
+    code = launch_main([
+        "pretrain", f"output_dir={out}", f"data.train={medssl_data / 'breastmnist.npz'}:train",
+        "model.arch=vit_tiny", "model.patch_size=4", "model.img_size=28", "model.in_chans=1",
+        "optim.max_steps=0", "train.device=cpu", "--cluster", "local", "--tasks-per-node", "2",
+    ])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    results = summary["results"]["pretrain"]
+    assert sorted((r["rank"], r["world_size"]) for r in results) == [(0, 2), (1, 2)]
+    rank0 = (Path(results[0]["log_dir"]) / "rank0.err").read_text()
+    assert "process group ready: rank 0/2 (env, backend gloo" in rank0
+    assert (out / "export").is_dir()
+    starts = [r for r in read_attempts(out) if r["event"] == "start"]
+    assert sorted(r["rank"] for r in starts) == [0, 1] and len({r["job_id"] for r in starts}) == 1
+
+
+def test_debug_cluster_runs_the_stage_in_this_process(tmp_path, medssl_data, capsys):
+    out = tmp_path / "shards"
+    code = launch_main(
+        ["ingest", str(medssl_data / "images"), "--out", str(out), "--cluster", "debug"]
+    )
+    assert code == 0, capsys.readouterr().err
+    (start,) = [r for r in read_attempts(out) if r["event"] == "start"]
+    assert start["pid"] == os.getpid() and start["cluster"] == "debug"
+    assert (out / "manifest.jsonl").is_file()
+    assert (
+        len((out / "manifest.jsonl").read_text().splitlines()) == 3
+    )  # ihc, retina, microaneurysms
+
+
+def _metrics_doc(accuracy: float, auroc: float) -> dict:
+    setting = {"accuracy": accuracy, "balanced_accuracy": 0.5, "auroc": auroc, "f1_macro": 0.4,
+               "accuracy_ci95": [accuracy - 0.1, accuracy + 0.1], "auroc_ci95": None, "n": 156}  # fmt: skip
+    return {"data": {"dataset": "breastmnist"},
+            "protocols": {"knn": {"best": "k=20", "settings": {"k=20": setting, "k=10": {**setting, "accuracy": 0.0}}}}}  # fmt: skip
+
+
+def test_eval_cells_are_gathered_into_one_table(tmp_path):
+    cells = []
+    for label, acc, auc in [("runA", 0.8125, 0.9), ("raw", 0.75, 0.7)]:
+        cell_out = tmp_path / label / "knn"
+        cell_out.mkdir(parents=True)
+        (cell_out / "metrics.json").write_text(json.dumps(_metrics_doc(acc, auc)))
+        cells.append(
+            {"backbone": f"/runs/{label}", "label": label, "protocol": "knn", "out": str(cell_out)}
+        )
+    paths = gather_eval_table(tmp_path, cells)
+    rows = json.loads(Path(paths["results.json"]).read_text())
+    assert [(r["backbone"], r["protocol"], r["setting"], r["accuracy"]) for r in rows] == [
+        ("runA", "knn", "k=20", 0.8125), ("raw", "knn", "k=20", 0.75)]  # fmt: skip
+    md = Path(paths["results.md"]).read_text()
+    assert "| runA | knn | k=20 | 0.8125 [0.713, 0.912] | 0.5000 | 0.9000 | 0.4000 |" in md
+    assert (
+        Path(paths["results.csv"])
+        .read_text()
+        .splitlines()[2]
+        .startswith("raw,knn,k=20,breastmnist,156,0.75,")
+    )
+    missing = [
+        *cells,
+        {"backbone": "x", "label": "x", "protocol": "linear", "out": str(tmp_path / "x")},
+    ]
+    with pytest.raises(FileNotFoundError, match="x/linear"):
+        gather_eval_table(tmp_path, missing)
+
+
+def test_backbone_labels_are_short_and_unique():
+    taken: set[str] = set()
+    labels = [
+        backbone_label(p, taken) for p in ["runs/a", "runs/a/export", "raw", "b/ckpt-00000010.pt"]
+    ]
+    assert labels == ["a", "a-2", "raw", "ckpt-00000010"]
+
+
+def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: dinov2\noptim: {max_steps: 2}\n")
+    opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
+    plan, out = plan_pipeline(
+        ["src1", "src2", "--out", str(tmp_path / "p"), "--pretrain-config", str(recipe),
+         "--eval-train", "x.npz:train", "--eval-test", "x.npz:test", "--baseline", "raw",
+         "--protocol", "knn", "--protocol", "linear", "--no-curate", "pretrain.optim.max_steps=5",
+         "eval.bootstrap.resamples=10", "ingest.workers=2"],
+        opts,
+    )  # fmt: skip
+    assert out == (tmp_path / "p").resolve()
+    assert [(p.name, p.after, len(p.calls)) for p in plan] == [
+        ("ingest", [], 1), ("pretrain", ["ingest"], 1), ("eval-cells", ["pretrain"], 4),
+        ("eval-table", ["eval-cells"], 1)]  # fmt: skip
+    ingest, pretrain = plan[0].calls[0], plan[1].calls[0]
+    assert ingest.argv == ["ingest", "src1", "src2", "--out", str(out / "shards"), "workers=2"]
+    assert (
+        f"data.train={out / 'shards'}" in pretrain.argv and pretrain.argv[-1] == "optim.max_steps=5"
+    )
+    assert pretrain.distributed and not ingest.distributed
+    cells = plan[2].calls
+    assert sorted(c.name for c in cells) == [
+        "eval-pretrain-knn",
+        "eval-pretrain-linear",
+        "eval-raw-knn",
+        "eval-raw-linear",
+    ]
+    assert all(c.argv[-1] == "bootstrap.resamples=10" for c in cells)
+    with pytest.raises(LaunchError, match="must start with one of"):
+        plan_pipeline(["s", "--out", "o", "--pretrain-config", str(recipe), "--eval-train", "a",
+                       "--eval-test", "b", "--no-curate", "optim.max_steps=5"], opts)  # fmt: skip
+    with pytest.raises(LaunchError, match="unknown config key 'optim.bogus'"):
+        plan_pipeline(["s", "--out", "o", "--pretrain-config", str(recipe), "--eval-train", "a",
+                       "--eval-test", "b", "--no-curate", "pretrain.optim.bogus=1"], opts)  # fmt: skip

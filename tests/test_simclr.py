@@ -1,0 +1,199 @@
+"""SimCLR on the shared engine: NT-Xent by hand, gathered negatives over 2 gloo processes equal
+one process, the LARS rule by hand, exact resume, export."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pretrain import distributed as du
+from pretrain.__main__ import compose_config, validate
+from pretrain.backbones import load_backbone
+from pretrain.checkpoint import load_newest
+from pretrain.lars import LARS
+from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head
+from pretrain.optim import build_optimizer, param_groups_lrd
+from pretrain.train import run
+
+
+class StopRun(Exception):
+    """TEST-ONLY: leave a run at a given step, as a preemption would."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_nt_xent_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    t = 0.2
+    views = [v / v.norm() for v in [*z1, *z2]]  # anchors 0..2 = view 1, 3..5 = view 2
+    terms = []
+    for a in range(6):
+        positive = (a + 3) % 6
+        denom = sum(math.exp(float(views[a] @ views[k]) / t) for k in range(6) if k != a)
+        terms.append(-(float(views[a] @ views[positive]) / t - math.log(denom)))
+    expected = sum(terms) / 6
+    assert nt_xent_loss(z1, z2, t).item() == pytest.approx(expected, rel=1e-5)
+    # identical views of 3 orthogonal images: each anchor has its positive at cosine 1 and 4
+    # negatives at cosine 0 (its own copy in the other view is the positive, itself is excluded)
+    eye = torch.eye(3)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 4))
+    assert nt_xent_loss(eye, eye, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _gather_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: str):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    du.init_distributed(du.detect_env(), torch.device("cpu"), "gloo")
+    b = z1.shape[0] // world
+    a = z1[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    c = z2[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    loss = nt_xent_loss(a, c, 0.1)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "g1": a.grad, "g2": c.grad}, Path(out) / f"r{rank}.pt")
+    du.cleanup_distributed()
+
+
+def test_two_gloo_processes_with_gathered_negatives_equal_one_process(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    mp.spawn(_gather_worker, args=(2, _free_ports(1)[0], z1, z2, str(tmp_path)), nprocs=2)
+    full1, full2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    reference = nt_xent_loss(full1, full2, 0.1)
+    reference.backward()
+    results = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
+    # the global loss is the mean of the ranks' losses (each over its own anchors, all negatives)
+    torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, reference.detach())
+    assert not torch.allclose(results[0]["loss"], results[1]["loss"])
+    for r, res in enumerate(results):
+        rows = slice(4 * r, 4 * r + 4)
+        # each rank's gradient sums all ranks' losses; DDP's average over 2 ranks gives the reference
+        torch.testing.assert_close(res["g1"] / 2, full1.grad[rows])
+        torch.testing.assert_close(res["g2"] / 2, full2.grad[rows])
+
+
+def test_lars_update_rule_by_hand_and_no_adaptation_for_biases_and_norms():
+    lin, norm = nn.Linear(3, 2), nn.LayerNorm(2)
+    model = nn.Sequential(lin, norm)
+    groups = param_groups_lrd(model, num_layers=0)
+    opt = build_optimizer(
+        groups, betas=(0.9, 0.999), fused=None, device=torch.device("cpu"), name="lars",
+        lars_eta=0.001,
+    )  # fmt: skip
+    assert isinstance(opt, LARS)
+    for group in opt.param_groups:
+        assert group["lars_adapt"] == (group["wd_multiplier"] != 0)
+        group["lr"], group["weight_decay"] = 0.5, 0.1 * group["wd_multiplier"]
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    buf_w, buf_b = torch.zeros_like(w0), torch.zeros_like(b0)
+    w, b = w0.clone(), b0.clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).pow(2).sum().backward()
+        gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
+        opt.step()
+        # weight: g + wd*w, trust = eta ||w|| / ||g + wd w||, v = m v + lr trust g', w -= v
+        gw = gw + 0.1 * w
+        trust = 0.001 * w.norm() / gw.norm()
+        buf_w = 0.9 * buf_w + 0.5 * trust * gw
+        w = w - buf_w
+        buf_b = 0.9 * buf_b + 0.5 * gb  # bias: no decay, no trust ratio
+        b = b - buf_b
+        torch.testing.assert_close(lin.weight.detach(), w)
+        torch.testing.assert_close(lin.bias.detach(), b)
+    assert not torch.equal(lin.weight, w0)
+    with pytest.raises(ValueError, match="adamw or lars"):
+        build_optimizer(
+            groups, betas=(0.9, 0.9), fused=None, device=torch.device("cpu"), name="sgd"
+        )
+
+
+def test_projection_head_v2_layout():
+    head = projection_head(16, 32, 8, 3, bn=True)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 32), (32, 32), (32, 8)]
+    assert all(m.bias is None for m in linears)  # BN provides the shift
+    assert not head[-1].affine  # last BN: no learned scale/shift
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    images = np.linspace(0, 200, 16)[None, :] + rng.integers(0, 50, size=(24, 16, 16))
+    labels = (np.arange(24) % 2)[:, None].astype(np.int64)
+    np.savez(path, train_images=images.astype(np.uint8), train_labels=labels)
+    return path
+
+
+def simclr_config(npz, out, **extra):
+    base = {
+        "method": "simclr", "output_dir": str(out), "data.train": f"{npz}:train",
+        "data.batch_size": 8, "data.num_workers": 0, "data.channels": 1,
+        "model.arch": "resnet18", "model.img_size": 16, "model.in_chans": 1,
+        "optim.optimizer": "lars", "optim.max_steps": 4, "optim.warmup_steps": 1,
+        "optim.base_lr": 0.3, "optim.lr_reference_batch": 256, "optim.lr_scaling": "linear",
+        "optim.weight_decay": 1e-6, "optim.weight_decay_end": 1e-6, "optim.clip_grad": 0.0,
+        "optim.layer_decay": 1.0, "train.precision": "fp32", "train.checkpoint_every": 2,
+        "train.log_every": 1, "train.progress": False, "monitor.plot": False,
+        "simclr.proj_hidden_dim": 32, "simclr.proj_out_dim": 16, "simclr.crop_scale": "[0.3,1.0]",
+    }  # fmt: skip
+    base.update(extra)
+    cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
+    validate(cfg)
+    return cfg
+
+
+def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(tiny_npz, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(simclr_config(tiny_npz, straight))
+    original = SimCLR.forward_loss
+
+    def stop_at_two(self, batch, state):
+        if state.step == 2:
+            raise StopRun
+        return original(self, batch, state)
+
+    monkeypatch.setattr(SimCLR, "forward_loss", stop_at_two)
+    with pytest.raises(StopRun):
+        run(simclr_config(tiny_npz, resumed))
+    monkeypatch.setattr(SimCLR, "forward_loss", original)
+    run(simclr_config(tiny_npz, resumed))
+    a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, st in a["optimizer"]["state"].items():  # LARS momentum buffers too
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    model, meta = load_backbone(resumed / "export")
+    assert meta["method"] == "simclr" and meta["step"] == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, a["model"][f"backbone.{key}"]), key
