@@ -23,18 +23,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format pretrain curation eval launch tests bench
 	$(VENV)/bin/ruff check --fix pretrain curation eval launch tests bench
 
-# Ingest PneumoniaMNIST (train split) + the shared DICOM files, preview them, pretrain DINOv2 with the
-# CPU recipe on the shards, then evaluate on the held-out splits against a raw-pixel baseline.
+# Ingest PneumoniaMNIST (train split) + the shared DICOM files, curate them (exact and near duplicates
+# and copies of the held-out val/test images removed), pretrain DINOv2 with the CPU recipe on the
+# curated shards, then evaluate on the held-out splits against a raw-pixel baseline.
 demo: $(STAMP)
 	$(PY) -m launch pipeline $(MEDSSL_DATA)/pneumoniamnist.npz:train $(MEDSSL_DATA)/dicom \
-	    --out $(DEMO_OUT) --no-curate --cluster local \
+	    --out $(DEMO_OUT) --cluster local --embed-groups 2 \
 	    --pretrain-config pretrain/configs/dinov2_cpu.yaml \
 	    --eval-train $(MEDSSL_DATA)/pneumoniamnist.npz:train \
 	    --eval-val $(MEDSSL_DATA)/pneumoniamnist.npz:val \
 	    --eval-test $(MEDSSL_DATA)/pneumoniamnist.npz:test \
 	    --protocol knn --protocol linear --protocol fewshot --baseline raw
 	$(PY) -m curation preview $(DEMO_OUT)/shards
-	@echo "demo done: results table $(DEMO_OUT)/eval/results.md, reports $(DEMO_OUT)/eval/*/report.md, preview $(DEMO_OUT)/shards/preview.png"
+	@echo "demo done: results table $(DEMO_OUT)/eval/results.md, reports $(DEMO_OUT)/eval/*/report.md, preview $(DEMO_OUT)/shards/preview.png, curation report $(DEMO_OUT)/curation/report.html"
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

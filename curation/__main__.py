@@ -1,7 +1,7 @@
-"""`python -m curation COMMAND ...`: ingest raw images into shards, preview shards.
+"""`python -m curation COMMAND ...`: ingest raw images into shards, preview shards, curate a pool.
 
 Each command module exposes `add_arguments(parser)`, `run(args) -> exit code` and optionally
-USER_ERRORS (exceptions shown as one-line errors); adding a stage (e.g. `run`) is one COMMANDS line.
+USER_ERRORS (exceptions shown as one-line errors); adding a stage is one COMMANDS line.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from pretrain.config import ConfigError
 COMMANDS = {
     "ingest": ("curation.ingest", "raw images (DICOM, PNG/JPEG/TIFF/BMP, .npz) -> shards"),
     "preview": ("curation.preview", "image grid + counts of a shard folder"),
+    "run": (
+        "curation.run",
+        "pool shards -> deduplicated, decontaminated, retrieved/balanced shards",
+    ),
 }
 
 

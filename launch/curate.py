@@ -1,19 +1,23 @@
 """Curation at cluster scale: the embedding step as an array over shard groups, then the global
-steps (deduplication, clustering, sampling, writing) as one job that depends on the whole array.
+steps (deduplication, decontamination, retrieval or balancing, writing) as one job that depends on
+the whole array.
 
-Contract with `python -m curation run` (curation/run.py), checked before anything is queued:
-  python -m curation run ARGS --step embed --group G --groups N   embed shard group G of N
-  python -m curation run ARGS --step global                        everything after embedding
-where ARGS are the user's (`--config FILE --input SHARDS --out DIR key=value ...`). Group G is a pure function of
-(the sorted input shards, G, N), so a requeued task redoes exactly its own group, and the global
-job reads the N groups' embeddings. N (`--embed-groups`) is the parallelism, fixed when queueing:
-the shards are only listed when the tasks run, so the array can be queued before ingest ends.
+  python -m launch curate --config FILE pool=SHARDS output_dir=DIR [key=value ...] [--embed-groups N]
+
+The stage arguments are those of `python -m curation run`; the launcher adds to each job:
+  array task G:  python -m curation run ARGS embed.groups=N --step embed --group G
+  global job:    python -m curation run ARGS embed.groups=N --step global
+(and, with bootstrap.enabled, a first `--step bootstrap` job that trains the embedding model once).
+Group G is a pure function of (the sorted pool shards, G, N), so a requeued task redoes exactly its
+own group, and the global job merges the N groups, refusing (naming them) when any is missing.
+N (`--embed-groups`, else the config's embed.groups, else 4) is fixed when queueing: the shards are
+only listed when the tasks run, so the array can be queued before ingest ends (groups beyond the
+number of shards are empty).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,37 +25,30 @@ from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
 from launch.submit import PlannedJob
 
-EMBED_FLAGS = ["--step", "embed", "--group", "0", "--groups", "2"]
-GLOBAL_FLAGS = ["--step", "global"]
+DEFAULT_GROUPS = 4
 
 
-def check_curation_run() -> None:
-    """Refuse early, naming what is missing, when `curation run` lacks the per-group steps."""
-    try:
-        module = importlib.import_module("curation.run")
-    except ImportError as exc:
-        raise LaunchError(
-            f"launch curate needs curation/run.py (`python -m curation run`): {exc}"
-        ) from exc
+def curate_config(stage_args: Sequence[str]):
+    """The composed curation config (keys and types checked now; data paths when the jobs run)."""
+    from curation.run import DEFAULT_CONFIG
+    from pretrain.config import ConfigError, load_config, split_overrides
+
     parser = argparse.ArgumentParser(add_help=False)
-    parser.error = _raise  # type: ignore[method-assign]
+    parser.add_argument("--config")
     try:
-        module.add_arguments(parser)
-        for flags in (EMBED_FLAGS, GLOBAL_FLAGS):
-            _, unknown = parser.parse_known_args(
-                [*flags, "--config", "x.yaml", "--input", "x", "--out", "x"]
-            )
-            if unknown:
-                raise LaunchError(f"`python -m curation run` does not accept {unknown}")
-    except LaunchError as exc:
+        known, rest = parser.parse_known_args(list(stage_args))
+    except SystemExit as exc:
+        raise LaunchError("curate: --config needs a file") from exc
+    overrides, unknown = split_overrides(rest)
+    if unknown:
         raise LaunchError(
-            f"{exc}; launch curate runs `curation run ... --step embed --group G --groups N` per "
-            "shard group and `curation run ... --step global` after them"
-        ) from exc
-
-
-def _raise(message: str) -> None:
-    raise LaunchError(f"`python -m curation run` refuses the launcher's flags: {message}")
+            f"curate: unexpected arguments {unknown}; give --config FILE, key=value settings "
+            "(pool=SHARDS output_dir=DIR ...) and --embed-groups N (the launcher adds --step/--group)"
+        )
+    try:
+        return load_config(DEFAULT_CONFIG, known.config, overrides)
+    except ConfigError as exc:
+        raise LaunchError(f"curate config: {exc}") from exc
 
 
 def plan_curate(
@@ -60,38 +57,36 @@ def plan_curate(
     after: Sequence[str] = (),
     prefix: str = "curate",
 ) -> tuple[list[PlannedJob], Path]:
-    """`--embed-groups N` (default 4) array tasks, then the global job (afterok on the array)."""
+    """[bootstrap job], N embed array tasks, then the global job (afterok on the array)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--embed-groups", type=int, default=4)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--embed-groups", type=int)
     try:
         known, rest = parser.parse_known_args(list(stage_args))
     except SystemExit as exc:
-        raise LaunchError(
-            "curate needs --out DIR (and --config FILE, key=value for curation run)"
-        ) from exc
-    if known.embed_groups < 1:
+        raise LaunchError("curate: --embed-groups needs a number") from exc
+    cfg = curate_config(rest)
+    n = known.embed_groups or (int(cfg.embed.groups) if cfg.embed.groups else DEFAULT_GROUPS)
+    if n < 1:
         raise LaunchError("--embed-groups must be >= 1")
-    check_curation_run()
-    out = Path(known.out).resolve()
-    base = ["run", *rest, "--out", str(out)]
+    out = Path(cfg.output_dir).resolve()
+    # the jobs see the same absolute output_dir whatever their working directory
+    rest = [a for a in rest if not a.startswith(("output_dir=", "embed.groups="))]
+    base = ["run", *rest, f"output_dir={out}", f"embed.groups={n}"]
     in_process = opts.cluster == "debug"
-    n = known.embed_groups
+
+    def job(name: str, flags: list[str]) -> StageJob:
+        return StageJob(name, "curation", [*base, *flags], out, in_process=in_process,
+                        max_requeues=opts.max_requeues)  # fmt: skip
+
+    plan: list[PlannedJob] = []
+    if cfg.bootstrap.enabled:
+        boot = job(f"{prefix}-bootstrap", ["--step", "bootstrap"])
+        plan.append(PlannedJob(f"{prefix}-bootstrap", [boot], after=list(after)))
+        after = [f"{prefix}-bootstrap"]
     embed = [
-        StageJob(
-            f"{prefix}-embed-{g:04d}",
-            "curation",
-            [*base, "--step", "embed", "--group", str(g), "--groups", str(n)],
-            out,
-            in_process=in_process,
-            max_requeues=opts.max_requeues,
-        )  # fmt: skip
-        for g in range(n)
+        job(f"{prefix}-embed-{g:04d}", ["--step", "embed", "--group", str(g)]) for g in range(n)
     ]
-    final = StageJob(f"{prefix}-global", "curation", [*base, "--step", "global"], out,
-                     in_process=in_process, max_requeues=opts.max_requeues)  # fmt: skip
-    plan = [
-        PlannedJob(f"{prefix}-embed", embed, after=list(after), array=True),
-        PlannedJob(f"{prefix}-global", [final], after=[f"{prefix}-embed"]),
-    ]
+    plan.append(PlannedJob(f"{prefix}-embed", embed, after=list(after), array=True))
+    final = job(f"{prefix}-global", ["--step", "global"])
+    plan.append(PlannedJob(f"{prefix}-global", [final], after=[f"{prefix}-embed"]))
     return plan, out

@@ -4,10 +4,13 @@
       --eval-test SPEC [--eval-val SPEC] [--protocol P ...] [--baseline raw] [--no-curate]
       [--curate-config FILE] [--embed-groups N] [ingest.K=V] [curate.K=V] [pretrain.K=V] [eval.K=V]
 
-Layout: DIR/shards (ingest), DIR/curated (curation run --out), DIR/pretrain (output_dir),
+Layout: DIR/shards (ingest), DIR/curation (curation run output_dir; the curated shards in
+DIR/curation/curated, its report in DIR/curation/report.html), DIR/pretrain (output_dir),
 DIR/eval (one directory per backbone x protocol, results.md). A `STAGE.` prefix routes a
-key=value override to that stage. On SLURM every job waits (afterok) for the one before; a failure
-stops everything after it. Configs are checked before queueing, inputs only when each job runs.
+key=value override to that stage. Curation protects the eval test (and val) sets unless
+`curate.eval_sets=[...]` says otherwise: their copies and patients leave the pool. On SLURM
+every job waits (afterok) for the one before; a failure stops everything after it. Configs are
+checked before queueing, inputs only when each job runs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", default=[], help="extra backbones, e.g. raw")
     p.add_argument("--no-curate", action="store_true", help="pretrain on the ingested shards")
     p.add_argument("--curate-config")
-    p.add_argument("--embed-groups", type=int, default=4)
+    p.add_argument("--embed-groups", type=int, help="curation embed array size (default: 4)")
     return p
 
 
@@ -78,8 +81,8 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
         )
     routed = route_overrides(overrides)
     out = Path(known.out).resolve()
-    shards, curated, run_dir, eval_dir = (
-        out / n for n in ("shards", "curated", "pretrain", "eval")
+    shards, curation_dir, run_dir, eval_dir = (
+        out / n for n in ("shards", "curation", "pretrain", "eval")
     )
 
     plan, _ = plan_ingest([*known.sources, "--out", str(shards), *routed["ingest"]], opts)
@@ -88,12 +91,17 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
     if not known.no_curate:
         from launch.curate import plan_curate
 
-        curate_args = ["--out", str(curated), "--embed-groups", str(known.embed_groups)]
-        curate_args += ["--config", known.curate_config] if known.curate_config else []
-        curate_args += ["--input", str(shards), *routed["curate"]]
+        curate_args = ["--config", known.curate_config] if known.curate_config else []
+        curate_args += [f"pool={shards}", f"output_dir={curation_dir}"]
+        if not any(o.startswith("eval_sets=") for o in routed["curate"]):
+            # the held-out images the pipeline reports on must not be pretrained on
+            held_out = [s for s in (known.eval_test, known.eval_val) if s]
+            curate_args.append(f"eval_sets=[{','.join(held_out)}]")
+        curate_args += routed["curate"]
+        curate_args += ["--embed-groups", str(known.embed_groups)] if known.embed_groups else []
         curate_plan, _ = plan_curate(curate_args, opts, after=[last])
         plan += curate_plan
-        last, train_data = plan[-1].name, curated
+        last, train_data = plan[-1].name, curation_dir / "curated"
 
     pretrain_args = ["--config", known.pretrain_config, f"output_dir={run_dir}",
                      f"data.train={train_data}", *routed["pretrain"]]  # fmt: skip

@@ -149,6 +149,7 @@ class CollapseMonitor:
     def __init__(self, cfg: DictConfig):
         self.warn_std = float(cfg.collapse_warn_std)
         self.warn_rank = float(cfg.collapse_warn_rank)
+        self.warn_uniform = float(cfg.collapse_warn_teacher_entropy)
         self.warned = 0
 
     def measure(self, output: Tensor | Mapping[str, Tensor] | None) -> dict[str, float]:
@@ -174,6 +175,12 @@ class CollapseMonitor:
         if stats.get("eff_rank", math.inf) < self.warn_rank:
             problems.append(
                 f"effective rank {stats['eff_rank']:.3f} < {self.warn_rank}: dimensional collapse"
+            )
+        if stats.get("teacher_entropy", 0.0) > self.warn_uniform:
+            problems.append(
+                f"teacher entropy {stats['teacher_entropy']:.4f} > {self.warn_uniform}: every teacher "
+                "target is near uniform, the prototype loss teaches nothing (lower the teacher "
+                "temperature, or use sinkhorn_knopp centering)"
             )
         if stats.get("teacher_marginal_entropy", 1.0) < 0.05:
             problems.append(

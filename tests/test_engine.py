@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from pretrain import distributed as du
@@ -32,7 +33,7 @@ from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import list_checkpoints, load_checkpoint, load_newest, save_checkpoint
 from pretrain.engine import Engine
 from pretrain.methods import SSLMethod, StepState, build_method, register_method
-from pretrain.monitor import collapse_stats, entropy_stats, knn_top1, read_metrics
+from pretrain.monitor import CollapseMonitor, collapse_stats, entropy_stats, knn_top1, read_metrics
 from pretrain.schedules import cosine_schedule
 from pretrain.train import run
 
@@ -465,6 +466,18 @@ def test_knn_and_collapse_statistics_by_hand():
     one_hot = entropy_stats(F.one_hot(torch.zeros(4, dtype=torch.long), 10).float())
     assert one_hot["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert one_hot["teacher_marginal_entropy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_collapse_monitor_warns_on_uniform_and_one_hot_teacher_targets():
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "pretrain/configs/default.yaml").monitor
+    monitor = CollapseMonitor(cfg)
+    sharp = torch.full((64, 16), 0.2 / 15).scatter_(1, torch.arange(64).remainder(16)[:, None], 0.8)
+    assert monitor.check(monitor.measure({"probs": sharp}), step=1) == []
+    uniform = monitor.check(monitor.measure({"probs": torch.full((64, 16), 1 / 16)}), step=2)
+    assert len(uniform) == 1 and "near uniform" in uniform[0]
+    one_prototype = F.one_hot(torch.zeros(64, dtype=torch.long), 16).float()
+    assert "one prototype" in " ".join(monitor.check(monitor.measure({"probs": one_prototype}), 3))
+    assert monitor.warned == 2
 
 
 def test_checkpoints_are_atomic_keep_last_k_and_skip_corrupt_ones(tmp_path):

@@ -245,3 +245,112 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
     with pytest.raises(LaunchError, match="unknown config key 'optim.bogus'"):
         plan_pipeline(["s", "--out", "o", "--pretrain-config", str(recipe), "--eval-train", "a",
                        "--eval-test", "b", "--no-curate", "pretrain.optim.bogus=1"], opts)  # fmt: skip
+
+
+def _curation_pool(medssl_data: Path, root: Path) -> tuple[Path, dict[str, str]]:
+    """3 shards of real images (X-rays, ultrasounds, fundi) with an exact and a JPEG copy planted."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from curation.plant import MEDMNIST_MODALITY, medmnist, record_for, write_shards
+
+    items = []
+    for name, n in (("pneumoniamnist", 30), ("breastmnist", 10), ("retinamnist", 10)):
+        for i, px in enumerate(medmnist(medssl_data, name, "val", n, seed=3)):
+            items.append(
+                (
+                    f"{name[:5]}-{i:02d}",
+                    px,
+                    record_for(f"{name[:5]}-{i:02d}", px, MEDMNIST_MODALITY[name]),
+                )
+            )
+    buf = io.BytesIO()
+    Image.fromarray(items[4][1]).save(buf, format="JPEG", quality=70)
+    copies = {"copy-exact": (items[1][0], items[1][1].copy()),
+              "copy-jpeg": (items[4][0], np.asarray(Image.open(io.BytesIO(buf.getvalue()))))}  # fmt: skip
+    for key, (_, px) in copies.items():
+        items.insert(len(items) // 2, (key, px, record_for(key, px, "CR")))
+    write_shards(root / "pool", items, shard_size=20)
+    return root / "pool", {key: original for key, (original, _) in copies.items()}
+
+
+def test_local_curate_runs_the_embed_array_then_the_global_job(tmp_path, medssl_data, capsys):
+    """`launch curate` on this machine: 2 embed tasks (one per shard group) and the global job
+    produce curated shards in which each planted copy or its original is gone, not both."""
+    pool, copies = _curation_pool(medssl_data, tmp_path)
+    out = tmp_path / "curation"
+    code = launch_main(["curate", f"pool={pool}", f"output_dir={out}", "progress=false",
+                        "--embed-groups", "2", "--cluster", "local"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    summary = json.loads(captured.out)
+    assert list(summary["jobs"]) == ["curate-embed", "curate-global"]
+    assert len(summary["jobs"]["curate-embed"]) == 2
+    tasks = sorted(r["name"] for r in summary["results"]["curate-embed"])
+    assert tasks == ["curate-embed-0000", "curate-embed-0001"]
+    groups = out / "embed" / "pool" / "groups"
+    shards = sorted(str(p) for p in pool.glob("shard-*.tar"))
+    done = [json.loads((groups / f"group-00000{g}" / "DONE.json").read_text()) for g in (0, 1)]
+    assert [d["shards"] for d in done] == [shards[:1], shards[1:]]  # contiguous chunks of 3 shards
+    manifest = (out / "curated" / "manifest.jsonl").read_text().splitlines()
+    kept = {json.loads(line)["key"] for line in manifest}
+    for copy, original in copies.items():
+        assert (copy in kept) + (original in kept) == 1, (copy, original)
+    assert len(kept) == 50  # the 50 originals (or a copy in place of its original)
+    attempts = {(r["name"], r["event"], r.get("status")) for r in read_attempts(out)}
+    assert ("curate-global", "end", "completed") in attempts
+    assert (out / "report.html").is_file() and (out / "config.yaml").is_file()
+
+
+def test_curate_refuses_a_bad_config_before_queueing(tmp_path, capsys):
+    out = tmp_path / "curation"
+    code = launch_main(
+        ["curate", "pool=x", f"output_dir={out}", "dedup.treshold=0.9", "--cluster", "slurm"]
+    )
+    assert code == 2 and "unknown config key 'dedup.treshold'" in capsys.readouterr().err
+    code = launch_main(
+        ["curate", "pool=x", f"output_dir={out}", "--step", "embed", "--cluster", "local"]
+    )
+    assert code == 2 and "the launcher adds --step/--group" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_pipeline_plan_curates_between_ingest_and_pretrain(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: dinov2\noptim: {max_steps: 2}\n")
+    opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
+    plan, out = plan_pipeline(
+        ["src", "--out", str(tmp_path / "p"), "--pretrain-config", str(recipe), "--eval-train",
+         "x.npz:train", "--eval-test", "x.npz:test", "--embed-groups", "3", "curate.dedup.threshold=0.98"],
+        opts,
+    )  # fmt: skip
+    assert [(p.name, p.after, len(p.calls)) for p in plan][:4] == [
+        ("ingest", [], 1), ("curate-embed", ["ingest"], 3), ("curate-global", ["curate-embed"], 1),
+        ("pretrain", ["curate-global"], 1)]  # fmt: skip
+    embed, final, pretrain = plan[1].calls[2], plan[2].calls[0], plan[3].calls[0]
+    base = [
+        "run",
+        f"pool={out / 'shards'}",
+        "eval_sets=[x.npz:test]",
+        "dedup.threshold=0.98",
+        f"output_dir={out / 'curation'}",
+    ]
+    assert embed.argv == [*base, "embed.groups=3", "--step", "embed", "--group", "2"]  # fmt: skip
+    assert final.argv[-2:] == ["--step", "global"] and final.argv[:-2] == embed.argv[:-4]
+    assert f"data.train={out / 'curation' / 'curated'}" in pretrain.argv
+
+
+def test_curate_plan_trains_the_bootstrap_model_once_before_the_array(tmp_path):
+    from launch.curate import plan_curate
+
+    opts, _ = _opts(["curate", "--cluster", "slurm"], tmp_path)
+    plan, out = plan_curate(["pool=p", f"output_dir={tmp_path / 'c'}", "bootstrap.enabled=true",
+                             "--embed-groups", "2"], opts, after=["ingest"])  # fmt: skip
+    assert [(p.name, p.after, len(p.calls)) for p in plan] == [
+        ("curate-bootstrap", ["ingest"], 1), ("curate-embed", ["curate-bootstrap"], 2),
+        ("curate-global", ["curate-embed"], 1)]  # fmt: skip
+    assert (
+        plan[0].calls[0].argv[-2:] == ["--step", "bootstrap"] and out == (tmp_path / "c").resolve()
+    )

@@ -245,3 +245,53 @@ def test_eval_array_then_dependent_table_job(runs):
         doc = json.loads((out / "raw" / row["protocol"] / "metrics.json").read_text())
         best = doc["protocols"][row["protocol"]]["best"]
         assert row["accuracy"] == doc["protocols"][row["protocol"]]["settings"][best]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def curation_jobs(slurm_cluster, medssl_data, tmp_path_factory):
+    """`launch curate` on SLURM: a 2-task embed array and the global job queued afterok on it."""
+    from launch.curate import plan_curate
+    from tests.test_launch_local import _curation_pool
+
+    root = tmp_path_factory.mktemp("slurm_curation")
+    pool, copies = _curation_pool(medssl_data, root)
+    out = root / "curation"
+    plan, planned_out = plan_curate(
+        [f"pool={pool}", f"output_dir={out}", "progress=false", "--embed-groups", "2"], _opts(out)
+    )
+    assert planned_out == out.resolve()
+    submitted = submit_plan(plan, _opts(out), out)
+    outcome = {"out": out, "pool": pool, "copies": copies, "submitted": submitted}
+    for entry in submitted:
+        try:
+            outcome[entry.name] = wait_for(entry.jobs, timeout_s=JOB_TIMEOUT_S)
+        except JobFailed as exc:
+            outcome[entry.name] = exc
+    return outcome
+
+
+def test_curation_embed_array_then_dependent_global_job(curation_jobs):
+    tasks = _ok(curation_jobs, "curate-embed")
+    (final,) = _ok(curation_jobs, "curate-global")
+    out = curation_jobs["out"]
+    array_ids = {t["job_id"].split("_")[0] for t in tasks}
+    assert len(array_ids) == 1 and sorted(t["job_id"].split("_")[1] for t in tasks) == ["0", "1"]
+    queued = [
+        json.loads(line) for line in (out / "launch" / JOBS_FILENAME).read_text().splitlines()
+    ]
+    assert [q["name"] for q in queued] == ["curate-embed", "curate-global"]
+    assert queued[1]["dependency"] == sorted(array_ids)  # afterok on the whole array
+    shards = sorted(str(p) for p in curation_jobs["pool"].glob("shard-*.tar"))
+    groups = out / "embed" / "pool" / "groups"
+    done = [json.loads((groups / f"group-00000{g}" / "DONE.json").read_text()) for g in (0, 1)]
+    assert [d["shards"] for d in done] == [shards[:1], shards[1:]]
+    kept = {
+        json.loads(line)["key"]
+        for line in (out / "curated" / "manifest.jsonl").read_text().splitlines()
+    }
+    for copy, original in curation_jobs["copies"].items():
+        assert (copy in kept) + (original in kept) == 1, (copy, original)
+    assert len(kept) == 50
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"]["embed"]["groups"] == 2 and summary["curated"] == 50
+    assert final["job_id"] not in array_ids

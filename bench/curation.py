@@ -1,0 +1,286 @@
+"""Curation benchmarks: speed (how cost grows with N) and quality (planted cases on the shared data).
+
+python bench/curation.py speed [--sizes 10000 100000 1000000] [--dim 384]
+    near-dup graph (FAISS k-NN, edges above a cosine threshold, connected components) and
+    k-means (sqrt(N) clusters) on synthetic vectors, side by side; embedding images/s.
+python bench/curation.py quality [--out NEW_DIR] [--copies 600] [key=value ...]
+    all 2D MedMNIST images of the shared data as a pool with planted copies (6 kinds) and eval
+    copies, through `curation run`; prints a threshold sweep over the verified pair scores, then
+    recall per kind, source images without a planted copy removed (overall and per dataset, split
+    by whether the source itself holds a pixel- or near-identical twin), eval copies removed,
+    seconds (wall and CPU) per step, and the precision of retrieval from chest X-ray seeds.
+    Use a new --out directory for timings: a second run reuses the cached steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+NEAR_IDENTICAL = 0.995  # unaligned NCC of two source images above which they are one image twice
+sys.path.insert(0, str(REPO))
+
+
+def _synthetic(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Clustered unit vectors with 1 % planted near-duplicates, float16 as `curation run` stores them."""
+    centres = rng.normal(size=(max(1, n // 100), dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.normal(size=(n, dim)).astype(
+        np.float32
+    )
+    dup = rng.choice(n, n // 100, replace=False)
+    x[dup] = x[rng.choice(n, len(dup))] + 0.02 * rng.normal(size=(len(dup), dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16)
+
+
+def speed(args: argparse.Namespace) -> None:
+    import scipy.sparse as sp
+    import torch
+    from scipy.sparse.csgraph import connected_components
+
+    from curation.index import build_index, kmeans, search
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in args.sizes:
+        x = _synthetic(n, args.dim, rng)
+        t0 = time.perf_counter()
+        index = build_index(x, kind="flat" if n <= 100_000 else "ivf", progress=False)
+        sims, ids = search(index, x, args.k, progress=False)
+        keep = (sims >= 0.95) & (ids != np.arange(n)[:, None]) & (ids >= 0)
+        a = np.repeat(np.arange(n), args.k)[keep.ravel()]
+        graph = sp.coo_matrix(
+            (np.ones(len(a), np.int8), (a, ids.ravel()[keep.ravel()])), shape=(n, n)
+        )
+        n_comp, _ = connected_components(graph, directed=False)
+        t_graph = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        kmeans(x, int(np.sqrt(n)), niter=10)
+        t_km = time.perf_counter() - t0
+        rows.append((n, t_graph, t_km, n - n_comp))
+        print(f"N={n:>9,}  near-dup graph {t_graph:8.1f} s  k-means({int(np.sqrt(n))}) {t_km:8.1f} s  "
+              f"removed {n - n_comp}", flush=True)  # fmt: skip
+    print(f"\nN            graph s    k-means s   (threads: {torch.get_num_threads()})")
+    for n, tg, tk, _ in rows:
+        print(f"{n:<12,} {tg:9.1f} {tk:11.1f}")
+    _embed_speed(args)
+
+
+def _embed_speed(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from curation.embed import Encoder, embed_group
+    from curation.plant import medmnist, record_for, write_shards
+    from pretrain.data.specs import parse_spec
+
+    data = Path(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = medmnist(data, "pneumoniamnist", "train", 2000) + medmnist(
+            data, "retinamnist", "train", 1000
+        )
+        write_shards(
+            Path(tmp) / "pool",
+            [(f"k{i}", px, record_for(f"k{i}", px, "OT")) for i, px in enumerate(images)],
+        )
+        spec = parse_spec(str(Path(tmp) / "pool"))
+        t0 = time.perf_counter()
+        embed_group(spec, Path(tmp) / "emb", Encoder(), batch_size=256, progress=False)
+        dt = time.perf_counter() - t0
+        print(
+            f"\nembedding (descriptor, 28 px MedMNIST from shards): {len(images) / dt:.0f} images/s"
+        )
+        del OmegaConf
+
+
+def quality(args: argparse.Namespace) -> None:
+    from curation import plant
+    from curation.run import DEFAULT_CONFIG, run_pipeline
+    from pretrain.config import load_config
+
+    data, out = Path(args.data), Path(args.out)
+    rng = np.random.default_rng(args.seed)
+    originals = []
+    pool_splits = {"pneumoniamnist": ("train", "val"), "breastmnist": ("train", "val", "test"),
+                   "retinamnist": ("train", "val", "test")}  # fmt: skip
+    for name, splits in pool_splits.items():
+        for split in splits:
+            for i, px in enumerate(plant.medmnist(data, name, split)):
+                originals.append((f"{name}-{split}-{i:05d}", px, plant.MEDMNIST_MODALITY[name]))
+    items, pairs = plant.planted_pool(originals, args.copies, seed=args.seed)
+    for j in rng.choice(len(originals), args.exact, replace=False):  # exact duplicates
+        key, px, mod = originals[int(j)]
+        items.append((f"exact-{j}", px.copy(), plant.record_for(f"exact-{j}", px, mod)))
+        pairs.append((key, f"exact-{j}", "exact"))
+    evals = plant.medmnist(data, "pneumoniamnist", "test")
+    eval_items = [
+        (f"eval-{i:04d}", px, plant.record_for(f"eval-{i:04d}", px, "CR"))
+        for i, px in enumerate(evals)
+    ]
+    leaks = []
+    for j, i in enumerate(rng.choice(len(evals), args.leaks, replace=False)):
+        kind = (*plant.KINDS, "exact")[j % (len(plant.KINDS) + 1)]
+        px = evals[int(i)].copy() if kind == "exact" else plant.plant_copy(evals[int(i)], kind, rng)
+        items.append(
+            (f"leak-{j:03d}-{kind}", px, plant.record_for(f"leak-{j:03d}-{kind}", px, "CR"))
+        )
+        leaks.append(f"leak-{j:03d}-{kind}")
+    items = [items[i] for i in rng.permutation(len(items))]
+    items = [(rec["key"], px, rec) for _, px, rec in items]  # evaluate by the keys the shards carry
+    leaks = [k for k, _, _ in items if k.startswith("leak-")]
+    if not (out / "pool" / "manifest.jsonl").is_file():
+        plant.write_shards(out / "pool", items)
+        plant.write_shards(out / "eval", eval_items)
+        seeds = plant.medmnist(data, "pneumoniamnist", "val", 100, seed=args.seed)
+        plant.write_shards(out / "seeds", [(f"seed-{i}", px, plant.record_for(f"seed-{i}", px, "CR"))
+                                           for i, px in enumerate(seeds)])  # fmt: skip
+    overrides = [f"pool={out / 'pool'}", f"output_dir={out / 'run'}", f"eval_sets=[{out / 'eval'}]",
+                 "progress=false", *args.overrides]  # fmt: skip
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = run_pipeline(load_config(DEFAULT_CONFIG, None, overrides))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    _sweep(out / "run", items, pairs, leaks)
+    kept = {
+        json.loads(line)["key"]
+        for line in (out / "run" / "curated" / "manifest.jsonl").read_text().splitlines()
+    }
+    removed = {k for k, _, _ in items} - kept
+    no_leaks = [it for it in items if not it[0].startswith("leak-")]
+    result = plant.score(no_leaks, pairs, removed)
+    result.update(_unique_removed(originals, pairs, removed))
+    result["eval_copies_removed"] = f"{sum(k in removed for k in leaks)}/{len(leaks)}"
+    result["seconds_total"] = round(seconds, 1)
+    result["cpu_seconds_total"] = round(cpu, 1)
+    result["seconds_per_step"] = {k: v.get("seconds") for k, v in summary["steps"].items()}
+    # Seeds: the same run directory, so embeddings, dedup and decontamination are reused.
+    run_pipeline(load_config(DEFAULT_CONFIG, None, [*overrides, f"seeds=[{out / 'seeds'}]"]))
+    got = [
+        json.loads(line)["key"]
+        for line in (out / "run" / "curated" / "manifest.jsonl").read_text().splitlines()
+    ]
+    modality = {k: r["modality"] for k, _, r in items}
+    result["retrieval_precision_xray_seeds"] = round(
+        float(np.mean([modality[k] == "CR" for k in got])), 4
+    )
+    result["retrieved"] = len(got)
+    print(json.dumps(result, indent=1))
+
+
+def _unique_removed(originals: list, pairs: list, removed: set[str]) -> dict:
+    """Removed share of the source images without a planted copy (what a checker counts as
+    unique), overall and per source dataset, split by why the source image had a twin anyway:
+    pixel-identical to another source image, near-identical (unaligned NCC >= 0.995 with another
+    image of its dataset: the same frame or photograph saved twice), or neither."""
+    from curation import plant
+
+    planted = {k for a, b, _ in pairs for k in (a, b)}
+    unique = [(k, px, k.split("-")[0]) for k, px, _ in originals if k not in planted]
+    twins = plant.source_twins(unique)
+    out: dict = {}
+    for name in [None, *sorted({src for _, _, src in unique})]:
+        keys = [k for k, _, src in unique if name is None or src == name]
+        gone = [k for k in keys if k in removed]
+        sha = [k for k in gone if twins[k][0]]
+        near = [k for k in gone if not twins[k][0] and twins[k][1] >= NEAR_IDENTICAL]
+        other = len(gone) - len(sha) - len(near)
+        has_twin = sum(twins[k][0] or twins[k][1] >= NEAR_IDENTICAL for k in keys)
+        out["unique_removed" + (f"_{name}" if name else "")] = {
+            "unique": len(keys), "removed": len(gone), "rate": round(len(gone) / max(1, len(keys)), 4),
+            "with_source_twin": has_twin, "removed_pixel_identical_twin": len(sha),
+            "removed_near_identical_twin": len(near), "removed_other": other,
+            "rate_other": round(other / max(1, len(keys)), 4),
+        }  # fmt: skip
+    return out
+
+
+def _sweep(run: Path, items: list, pairs: list, leaks: list) -> None:
+    """Recall / false removal for other thresholds, from the verified scores the run saved."""
+    from curation.dedup import components, keeper_rank
+
+    records = [
+        json.loads(line)
+        for line in (run / "embed" / "pool" / "records.jsonl").read_text().splitlines()
+    ]
+    index = {r["key"]: i for i, r in enumerate(records)}
+    n = len(records)
+    z = np.load(run / "steps" / "near.npz")
+    keep_exact = np.load(run / "steps" / "exact.npz")["keep"]
+    rank = keeper_rank(
+        np.array([r["key"] for r in records]), np.array([r["height"] * r["width"] for r in records])
+    )
+    mod = np.array([r["modality"] for r in records])
+    planted = {index[k] for a, b, _ in pairs for k in (a, b)}
+    unique = np.array(
+        [i for i in range(n) if i not in planted and not records[i]["key"].startswith("leak-")]
+    )
+    pa, pb = np.array([index[a] for a, _, _ in pairs]), np.array([index[b] for _, b, _ in pairs])
+    print(
+        "\nthreshold  local   recall  false_removal  "
+        + "  ".join(f"{m:>6}" for m in sorted(set(mod)))
+    )
+    for t in (0.975, 0.98, 0.985, 0.99):
+        for lt in (0.7, 0.8, 0.85):
+            edge = (z["ncc"] >= t) & (z["local"] >= lt)
+            keep, _ = components(n, z["a"][edge], z["b"][edge], rank)
+            keep &= keep_exact
+            _, label = _labels(n, z["a"][edge], z["b"][edge])
+            recall = np.mean((label[pa] == label[pb]) | ~keep_exact[pa] | ~keep_exact[pb])
+            per = "  ".join(
+                f"{1 - keep[unique[mod[unique] == m]].mean():6.3f}" for m in sorted(set(mod))
+            )
+            print(f"{t:9.3f} {lt:6.2f} {recall:8.3f} {1 - keep[unique].mean():14.4f}  {per}")
+    dz = np.load(run / "steps" / "decontam.npz")
+    reached = np.load(run / "steps" / "near.npz")[
+        "keep"
+    ]  # leaks the earlier steps left to this one
+    leak_rows = {index[k] for k in leaks if reached[index[k]]}
+    print(
+        "\ndecontamination: threshold local  eval copies found (of those reaching it)  other pool images removed"
+    )
+    for t in (0.965, 0.97, 0.975, 0.98, 0.985):
+        for lt in (0.6, 0.7, 0.8):
+            hit = (dz["ncc"] >= t) & (dz["local"] >= lt)
+            rows = set(dz["a"][hit].tolist())
+            print(
+                f"{t:27.3f} {lt:5.2f} {len(rows & leak_rows):>10}/{len(leak_rows)} {len(rows - leak_rows):>20}"
+            )
+
+
+def _labels(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    return connected_components(
+        sp.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--k", type=int, default=16)
+    q = sub.add_parser("quality")
+    q.add_argument("--out", default="/tmp/medssl-curation-quality")
+    q.add_argument("--copies", type=int, default=600)
+    q.add_argument("--exact", type=int, default=30)
+    q.add_argument("--leaks", type=int, default=35)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("overrides", nargs="*", help="key=value for curation run")
+    for s in (p, q):
+        s.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    args = parser.parse_args()
+    speed(args) if args.mode == "speed" else quality(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Automatic curation without seeds: hierarchical k-means with resampling + balanced sampling.
+
+Vo et al. 2024 ("Automatic Data Curation for Self-Supervised Learning: A Clustering-Based
+Approach"): plain k-means on a long-tailed pool spends its centroids on the dense head (e.g. the
+thousands of near-identical chest X-rays of one scanner), so sampling per cluster stays imbalanced.
+They (1) cluster hierarchically -- level t clusters the centroids of level t-1 -- and (2) after
+each level's k-means, re-run k-means on the union of the r points closest to each centroid
+("resampling"), which moves centroids towards a uniform cover of the data support. Then sampling
+goes top-down: a cluster's quota is split among its children with one cap found by binary search
+(`find_cap`: the largest c with sum(min(size_i, c)) <= quota), so small children give everything
+and large ones give the same amount; leaves give random (or closest-to-centroid) members.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from curation.index import assign, kmeans
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Level:
+    """One level: `centroids` (k, d) and `parent` = cluster id of every item of the level below."""
+
+    centroids: np.ndarray
+    parent: np.ndarray
+
+
+def auto_clusters(n: int, levels: int, leaf_size: int = 10, branching: int = 5) -> list[int]:
+    """Cluster counts per level: ~leaf_size points per leaf, then `branching` children per parent."""
+    counts = []
+    k = max(1, n // leaf_size)
+    for _ in range(levels):
+        counts.append(max(1, min(k, n)))
+        k = max(1, k // branching)
+    return counts
+
+
+def _closest(x: np.ndarray, labels: np.ndarray, dists: np.ndarray, k: int, r: int) -> np.ndarray:
+    """Indices of the r points nearest to their centroid, in every cluster."""
+    order = np.lexsort((dists, labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, np.arange(k))
+    rank = np.arange(len(order)) - starts[sorted_labels]
+    return np.sort(order[rank < r])
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    n_clusters: list[int],
+    *,
+    resample_steps: int = 10,
+    sample_sizes: list[int] | None = None,
+    niter: int = 20,
+    seed: int = 0,
+) -> list[Level]:
+    """Levels bottom-up; `x` are the (normalised) embeddings of the pool."""
+    levels: list[Level] = []
+    points = np.ascontiguousarray(x, dtype=np.float32)
+    for depth, k in enumerate(n_clusters):
+        k = max(1, min(int(k), len(points)))
+        # upper levels cluster few points: restarts are cheap and make them far less seed-dependent
+        centroids = kmeans(points, k, niter=niter, seed=seed + depth, nredo=1 if depth == 0 else 10)
+        labels, dists = assign(points, centroids)
+        r = sample_sizes[depth] if sample_sizes else max(1, len(points) // k // 2)
+        if r > 1 and k > 1:
+            for step in range(resample_steps):
+                subset = _closest(points, labels, dists, k, r)
+                if len(subset) <= k:
+                    break
+                centroids = kmeans(
+                    points[subset], k, niter=niter, seed=seed + 1000 * (step + 1) + depth,
+                    init_centroids=centroids,
+                )  # fmt: skip
+                labels, dists = assign(points, centroids)
+        sizes = np.bincount(labels, minlength=k)
+        logger.info("level %d: %d clusters, sizes min %d median %d max %d (r=%d)",
+                    depth + 1, k, sizes.min(), int(np.median(sizes)), sizes.max(), r)  # fmt: skip
+        levels.append(Level(centroids=centroids, parent=labels))
+        points = centroids
+    return levels
+
+
+def find_cap(sizes: np.ndarray, target: int) -> int:
+    """Largest c with sum(min(sizes, c)) <= target (all of sizes.max() when everything fits)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if target < 0:
+        raise ValueError(f"target must be >= 0, got {target}")
+    if sizes.sum() <= target:
+        return int(sizes.max(initial=0))
+    lo, hi = 0, int(sizes.max())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if np.minimum(sizes, mid).sum() <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def split_quota(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-child quotas summing to min(target, sum(sizes)), as equal as the sizes allow."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.sum() <= target:
+        return sizes.copy()
+    cap = find_cap(sizes, target)
+    quota = np.minimum(sizes, cap)
+    remainder = target - int(quota.sum())
+    if remainder:
+        larger = np.nonzero(sizes > cap)[0]
+        quota[rng.choice(larger, remainder, replace=False)] += 1
+    return quota
+
+
+def _members(parent: np.ndarray, k: int) -> list[np.ndarray]:
+    order = np.argsort(parent, kind="stable")
+    bounds = np.searchsorted(parent[order], np.arange(k + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(k)]
+
+
+def balanced_sample(
+    levels: list[Level],
+    target_size: int,
+    *,
+    seed: int = 0,
+    strategy: str = "random",
+    x: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-down balanced sampling; returns (sorted point indices, their leaf cluster ids).
+
+    strategy "random" draws leaf members at random; "closest" takes those nearest their leaf
+    centroid (needs `x`).
+    """
+    if strategy not in ("random", "closest"):
+        raise ValueError(f"balance.strategy must be random|closest, got {strategy!r}")
+    rng = np.random.default_rng(seed)
+    children = [_members(lv.parent, len(lv.centroids)) for lv in levels]
+    # number of points under every cluster of every level
+    counts = [np.bincount(levels[0].parent, minlength=len(levels[0].centroids))]
+    for depth in range(1, len(levels)):
+        counts.append(np.bincount(levels[depth].parent, weights=counts[-1],
+                                  minlength=len(levels[depth].centroids)).astype(np.int64))  # fmt: skip
+    top = len(levels) - 1
+    quotas = split_quota(counts[top], target_size, rng)
+    frontier = [(top, c, int(q)) for c, q in enumerate(quotas) if q > 0]
+    picked: list[np.ndarray] = []
+    leaves: list[np.ndarray] = []
+    while frontier:
+        depth, cluster, quota = frontier.pop()
+        members = children[depth][cluster]
+        if depth == 0:
+            if strategy == "random":
+                chosen = rng.choice(members, quota, replace=False)
+            else:
+                d = np.linalg.norm(x[members] - levels[0].centroids[cluster], axis=1)
+                chosen = members[np.argsort(d, kind="stable")[:quota]]
+            picked.append(chosen)
+            leaves.append(np.full(len(chosen), cluster, np.int64))
+            continue
+        sub = split_quota(counts[depth - 1][members], quota, rng)
+        frontier.extend((depth - 1, int(c), int(q)) for c, q in zip(members, sub) if q > 0)
+    if not picked:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    idx = np.concatenate(picked)
+    leaf = np.concatenate(leaves)
+    order = np.argsort(idx)
+    return idx[order], leaf[order]

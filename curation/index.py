@@ -1,0 +1,218 @@
+"""FAISS nearest-neighbour search and k-means over (memory-mapped, float16) embeddings.
+
+Why one module: every curation step (copy detection, decontamination, retrieval, clustering) asks
+the same two questions -- "who is near this vector?" and "which centroid owns it?" -- at sizes from
+a few hundred test images to billions (DINOv2's LVD-142M). The index is chosen by size:
+
+- `flat`  exact inner product, for pools up to `flat_max` vectors (default 1M: 1.5 GB at 384-d);
+- `ivf`   inverted lists with float16 scalar-quantised vectors (half the memory, near-exact scores);
+- `ivfpq` inverted lists with product quantisation (billion scale; scores approximate).
+
+Vectors are L2-normalised, so inner product = cosine similarity. Inputs may be float16 memmaps:
+they are converted to float32 in batches, never as a whole, so 10M x 384 float16 (7.7 GB) fits a
+24 GiB machine. The GPU is used only when `faiss.get_num_gpus() > 0` (faiss-gpu installed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+
+
+def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = as_f32(x)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def gpu_enabled(use_gpu: bool | str = "auto") -> bool:
+    if use_gpu is False or use_gpu == "false":
+        return False
+    available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    if use_gpu is True and not available:
+        logger.warning("index.gpu=true but faiss sees no GPU; using the CPU")
+    return bool(available)
+
+
+def choose_kind(
+    n: int, kind: str = "auto", flat_max: int = 1_000_000, pq_min: int = 20_000_000
+) -> str:
+    """Exact search while it is affordable; compressed inverted lists beyond."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    if n <= flat_max:
+        return "flat"
+    return "ivf" if n < pq_min else "ivfpq"
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(N) lists (FAISS guideline), at least 1 and at most N / 39 (training needs >= 39/list)."""
+    return int(max(1, min(4 * math.sqrt(n), n // 39)))
+
+
+def _pq_m(d: int, requested: int | None) -> int:
+    if requested:
+        if d % requested:
+            raise ValueError(f"index.pq_m={requested} must divide the dimension {d}")
+        return requested
+    for m in (64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1):
+        if d % m == 0 and d // m >= 4:
+            return m
+    return 1
+
+
+def build_index(
+    vectors: np.ndarray,
+    *,
+    kind: str = "auto",
+    flat_max: int = 1_000_000,
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    nprobe: int = 16,
+    use_gpu: bool | str = "auto",
+    batch_size: int = 65536,
+    seed: int = 0,
+    progress: bool = True,
+) -> faiss.Index:
+    """Inner-product index over the rows of `vectors` (normalised; any float dtype, memmaps ok)."""
+    n, d = vectors.shape
+    kind = choose_kind(n, kind, flat_max)
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(d)
+    else:
+        lists = nlist or default_nlist(n)
+        nbits = 8 if n >= 256 * 64 else 4  # 256 codes per sub-quantiser need enough training points
+        spec = f"IVF{lists},SQfp16" if kind == "ivf" else f"IVF{lists},PQ{_pq_m(d, pq_m)}x{nbits}"
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        n_train = min(n, max(64 * lists, 10_000))  # FAISS wants 39..256 points per list
+        train = as_f32(vectors[np.sort(rng.choice(n, n_train, replace=False))])
+        logger.info("training %s on %d of %d vectors", spec, n_train, n)
+        index.train(train)
+        faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+    if gpu_enabled(use_gpu):
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except (RuntimeError, AttributeError) as exc:  # e.g. a quantiser the GPU build lacks
+            logger.warning("keeping the %s index on the CPU: %s", kind, exc)
+    for s, e in tqdm(
+        list(batches(n, batch_size)),
+        desc=f"index add ({kind})",
+        disable=not progress or n < 4 * batch_size,
+    ):
+        index.add(as_f32(vectors[s:e]))
+    return index
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    *,
+    database: np.ndarray | None = None,
+    refine: int = 4,
+    batch_size: int = 16384,
+    progress: bool = True,
+    desc: str = "search",
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows per query (similarity float32, index int64; -1 where fewer exist).
+
+    With `database` (the indexed vectors, e.g. a memmap) and a product-quantised index, `refine`
+    x k candidates are re-scored exactly, so thresholds keep their meaning at any scale."""
+    n = len(queries)
+    k = max(1, min(k, index.ntotal))
+    approximate = database is not None and "PQ" in type(faiss.downcast_index(_cpu(index))).__name__
+    kk = min(index.ntotal, k * refine) if approximate else k
+    sims = np.empty((n, k), np.float32)
+    ids = np.empty((n, k), np.int64)
+    for s, e in tqdm(
+        list(batches(n, batch_size)), desc=desc, disable=not progress or n <= batch_size
+    ):
+        q = as_f32(queries[s:e])
+        d, i = index.search(q, kk)
+        if approximate:
+            rows = np.repeat(np.arange(e - s), kk)
+            exact = exact_scores(q, database, rows, np.maximum(i.ravel(), 0)).reshape(e - s, kk)
+            exact[i < 0] = -np.inf
+            top = np.argsort(-exact, axis=1)[:, :k]
+            d, i = np.take_along_axis(exact, top, 1), np.take_along_axis(i, top, 1)
+        sims[s:e], ids[s:e] = d, i
+    return sims, ids
+
+
+def _cpu(index: faiss.Index) -> faiss.Index:
+    ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+    return ivf if ivf is not None else index
+
+
+def exact_scores(
+    a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int = 262144
+) -> np.ndarray:
+    """Exact cosine of pairs (a[rows], b[cols]): re-scores approximate (PQ) search results."""
+    out = np.empty(len(rows), np.float32)
+    for s, e in batches(len(rows), batch_size):
+        out[s:e] = np.einsum("ij,ij->i", as_f32(a[rows[s:e]]), as_f32(b[cols[s:e]]))
+    return out
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int = 20,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+    init_centroids: np.ndarray | None = None,
+    nredo: int = 1,
+    use_gpu: bool | str = "auto",
+) -> np.ndarray:
+    """Euclidean k-means centroids (k, d) float32; FAISS trains on at most 256 points per centroid."""
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k}, n={n}")
+    rng = np.random.default_rng(seed)
+    n_train = min(n, k * max_points_per_centroid)
+    sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    km = faiss.Kmeans(
+        d, k, niter=niter, seed=seed, gpu=gpu_enabled(use_gpu),
+        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
+        nredo=1 if init_centroids is not None else nredo, verbose=False,
+    )  # fmt: skip
+    km.train(
+        as_f32(sample), init_centroids=None if init_centroids is None else as_f32(init_centroids)
+    )
+    return np.asarray(km.centroids, dtype=np.float32).reshape(k, d)
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (L2) of every row: (cluster id int64, squared distance float32)."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(as_f32(centroids))
+    labels = np.empty(len(x), np.int64)
+    dists = np.empty(len(x), np.float32)
+    for s, e in batches(len(x), batch_size):
+        d, i = index.search(as_f32(x[s:e]), 1)
+        labels[s:e], dists[s:e] = i[:, 0], d[:, 0]
+    return labels, dists

@@ -1,0 +1,376 @@
+"""`python -m curation run --config FILE [key=value ...]`: pool -> curated shards (LVD-142M style).
+
+Steps, each cached in output_dir/steps (see curation/steps.py) and skipped when re-run:
+  embed      descriptor/backbone embeddings + thumbnails, one job per shard group
+  exact      pixel-identical images (manifest sha256), one keeper per group
+  near       copies (crops, resizes, brightness, JPEG) by aligned matching, connected components
+  decontam   copies of eval images, their exact duplicates and their patients
+  select     seeds: sample- and cluster-based retrieval; no seeds: hierarchical k-means +
+             balanced sampling to sample.target_size (null: keep all survivors)
+  write      curated shards + manifest.jsonl (source keys kept, per-image reason)
+  report     summary.json + report.html
+On a cluster (launch/curate.py does this): N array tasks
+  python -m curation run ARGS embed.groups=N --step embed --group $SLURM_ARRAY_TASK_ID
+then one job `python -m curation run ARGS embed.groups=N --step global` for everything after
+embedding (it refuses, naming them, while a group is missing). With bootstrap.enabled, a
+`--step bootstrap` job first trains the embedding model once.
+Exit codes: 0 done, 2 refused (bad config or data), 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from curation import report
+from curation.decontaminate import decontaminate
+from curation.dedup import components, copy_pairs, exact_duplicates, keeper_rank
+from curation.embed import (
+    Embedded,
+    EmbedError,
+    dataset_groups,
+    embed_dataset,
+    make_encoder,
+    short_side,
+)
+from curation.hkmeans import auto_clusters, balanced_sample, hierarchical_kmeans
+from curation.index import normalize_rows
+from curation.retrieve import retrieve
+from curation.steps import Steps, Timer, fingerprint
+from curation.writer import write_curated
+from pretrain.config import ConfigError, load_config, save_config, split_overrides
+from pretrain.data.specs import DatasetSpecError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+STEPS = ("embed", "exact", "near", "decontam", "select", "write", "report")
+RUN_STEPS = ("bootstrap", "embed", "global")
+USER_ERRORS = (DatasetSpecError, EmbedError, FileNotFoundError)
+
+
+def _index_cfg(cfg: DictConfig) -> dict:
+    c = cfg.index
+    return dict(kind=c.kind, flat_max=int(c.flat_max), nlist=c.nlist, pq_m=c.pq_m, nprobe=int(c.nprobe),
+                use_gpu=c.gpu, seed=int(cfg.seed))  # fmt: skip
+
+
+def _bootstrap(cfg: DictConfig, out: Path, *, may_train: bool = True) -> str:
+    """Pretrain briefly on the raw pool (python -m pretrain) and return the run dir to embed with.
+
+    Array tasks (`may_train=False`) only use a finished bootstrap model: all of them training it at
+    once would race; `--step bootstrap` (the launcher's first curation job) trains it."""
+    run_dir = out / "bootstrap"
+    if not list(run_dir.rglob("backbone.json")):
+        if not may_train:
+            raise EmbedError(f"bootstrap.enabled: no bootstrap model in {run_dir} yet; run "
+                             "`python -m curation run ... --step bootstrap` before the embed jobs")  # fmt: skip
+        cmd = [sys.executable, "-m", "pretrain", f"output_dir={run_dir}", f"data.train={cfg.pool}",
+               f"optim.max_steps={int(cfg.bootstrap.max_steps)}", *[str(o) for o in cfg.bootstrap.overrides]]  # fmt: skip
+        logger.info("bootstrap: %s", " ".join(cmd))
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise EmbedError(f"bootstrap pretraining failed (command: {' '.join(cmd)})")
+    return str(run_dir)
+
+
+EMBED_KEYS = ("backbone", "weights", "img_size", "channels", "window")
+
+
+def _embed_all(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None = None,
+               merge_only: bool = False) -> tuple | None:  # fmt: skip
+    """Step a for the pool, the seeds and the eval sets; None after a single group job.
+
+    `only_group`: embed that pool group only (one array task). `merge_only`: embed no pool group,
+    merge those the array wrote (refused, naming them, when some are missing); the seeds and eval
+    sets, small next to the pool, are embedded here."""
+    embed_cfg = cfg.embed.copy()
+    if cfg.bootstrap.enabled:
+        embed_cfg.backbone = _bootstrap(cfg, out, may_train=only_group is None and not merge_only)
+    settings = {k: embed_cfg[k] for k in EMBED_KEYS}
+    n_groups = None if embed_cfg.groups is None else int(embed_cfg.groups)
+    fp = fingerprint(settings, str(cfg.pool), embed_cfg.shards_per_job, n_groups,
+                     [str(s) for s in cfg.seeds], [str(s) for s in cfg.eval_sets])  # fmt: skip
+    cached = steps.load("embed", fp) if only_group is None else None
+    with Timer() as t:
+        encoder = make_encoder(embed_cfg)
+        progress = bool(cfg.progress)
+        pool = embed_dataset(str(cfg.pool), out / "embed" / "pool", encoder, embed_cfg, progress=progress,
+                             n_groups=n_groups, only_group=only_group, merge_only=merge_only, settings=settings)  # fmt: skip
+        if pool is None:
+            return None
+        seeds = [embed_dataset(str(s), out / "embed" / f"seeds-{i}", encoder, embed_cfg, progress=progress,
+                               settings=settings) for i, s in enumerate(cfg.seeds)]  # fmt: skip
+        evals = [embed_dataset(str(s), out / "embed" / f"eval-{i}", encoder, embed_cfg, progress=progress,
+                               settings=settings) for i, s in enumerate(cfg.eval_sets)]  # fmt: skip
+    if cached is None:
+        groups = len(dataset_groups(str(cfg.pool), embed_cfg.shards_per_job, n_groups))
+        summary = {"in": len(pool), "out": len(pool), "seconds": t.seconds, "encoder": encoder.name,
+                   "dim": int(pool.embeddings.shape[1]), "groups": groups,
+                   "seeds": [len(s) for s in seeds], "eval_sets": [len(e) for e in evals],
+                   "images_per_second": None if merge_only else round(len(pool) / max(t.seconds, 1e-9), 1),
+                   "pool_groups_from": "array tasks (--step embed --group G)" if merge_only else "this run"}  # fmt: skip
+        steps.save("embed", fp, summary)
+    pool_fp = fingerprint(settings, str(cfg.pool), embed_cfg.shards_per_job, n_groups)
+    return pool, seeds, evals, pool_fp  # later steps: seeds/evals join there
+
+
+def run_pipeline(cfg: DictConfig, *, only_group: int | None = None, stop_after: str | None = None,
+                 after_embed: bool = False) -> dict:  # fmt: skip
+    """Run (or resume) every step; returns summary.json's content ({} when stopped early).
+
+    `only_group`: one embed job of a SLURM array (nothing else). `after_embed`: the global job
+    after the array: every step after embedding, refusing when a pool group was not embedded."""
+    out = Path(cfg.output_dir)
+    if only_group is None:  # array tasks run at once: the global job writes the config
+        save_config(cfg, out)
+    steps = Steps(out)
+    embedded = _embed_all(cfg, out, steps, only_group=only_group, merge_only=after_embed)
+    if embedded is None:
+        return {}
+    pool, seeds, evals, fp_prev = embedded
+    if stop_after == "embed":
+        return {}
+    keys = np.array([r["key"] for r in pool.records], dtype=object)
+    pixels = np.array([(r.get("height") or 0) * (r.get("width") or 0) for r in pool.records])
+    rank = keeper_rank(keys, pixels)
+    n, index_cfg = len(pool), _index_cfg(cfg)
+    results: dict = {"pool": pool, "seeds": seeds, "evals": evals}
+
+    # b. exact duplicates
+    fp_prev = fingerprint(fp_prev, cfg.dedup.exact)
+    if (got := steps.load("exact", fp_prev)) is None:
+        with Timer() as t:
+            keep, groups = exact_duplicates(np.array([r["sha256"] for r in pool.records]), rank) if cfg.dedup.exact \
+                else (np.ones(n, bool), [])  # fmt: skip
+        steps.save("exact", fp_prev, {"in": n, "out": int(keep.sum()), "groups": len(groups), "seconds": t.seconds},
+                   data={"groups": [g.tolist() for g in groups]}, arrays={"keep": keep})  # fmt: skip
+        got = steps.load("exact", fp_prev)
+    keep_exact = got[1]["keep"]
+    results["exact_groups"] = got[0]["data"]["groups"]
+    if stop_after == "exact":
+        return {}
+
+    # c. near duplicates
+    d = cfg.dedup
+    fp_prev = fingerprint(fp_prev, d, cfg.index)
+    if (got := steps.load("near", fp_prev)) is None:
+        active = np.nonzero(keep_exact)[0]
+        with Timer() as t:
+            if d.near and len(active) > 1:
+                pairs = copy_pairs(np.asarray(pool.thumbs[active]), None, d, index_cfg, res_q=short_side(pool)[active],
+                                   progress=cfg.progress)  # fmt: skip
+                a, b = active[pairs.a], active[pairs.b]
+                ncc, local, view = pairs.ncc, pairs.local, pairs.view
+            else:
+                a = b = np.zeros(0, np.int64)
+                ncc = local = view = np.zeros(0, np.float32)
+            edge = (ncc >= d.threshold) & (local >= d.local_threshold)
+            keep_c, groups = components(n, a[edge], b[edge], rank)
+            keep = keep_exact & keep_c
+        summary = {"in": int(len(active)), "out": int(keep.sum()), "candidate_pairs": int(len(a)),
+                   "edges": int(edge.sum()), "groups": len(groups), "threshold": d.threshold,
+                   "local_threshold": d.local_threshold, "seconds": t.seconds}  # fmt: skip
+        steps.save("near", fp_prev, summary, data={"groups": [g.tolist() for g in groups]},
+                   arrays={"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view})  # fmt: skip
+        got = steps.load("near", fp_prev)
+    keep_near = got[1]["keep"]
+    results["near"] = got
+    if stop_after == "near":
+        return {}
+
+    # d. decontamination
+    fp_prev = fingerprint(fp_prev, cfg.decontaminate, list(cfg.eval_sets))
+    if (got := steps.load("decontam", fp_prev)) is None:
+        active = np.nonzero(keep_near)[0]
+        with Timer() as t:
+            sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
+            found = decontaminate(pool.thumbs, pool.records, active, sets, cfg.decontaminate, index_cfg,
+                                  progress=cfg.progress)  # fmt: skip
+            keep = keep_near.copy()
+            keep[list(found.removed)] = False
+        reasons = {}
+        for r in found.removed.values():
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        pa = np.concatenate([p.a for p in found.pairs]) if found.pairs else np.zeros(0, np.int64)
+        pn = (
+            np.concatenate([p.ncc for p in found.pairs]) if found.pairs else np.zeros(0, np.float32)
+        )
+        pl = (
+            np.concatenate([p.local for p in found.pairs])
+            if found.pairs
+            else np.zeros(0, np.float32)
+        )
+        summary = {"in": int(len(active)), "out": int(keep.sum()), "removed_by": reasons,
+                   "threshold": cfg.decontaminate.threshold, "local_threshold": cfg.decontaminate.local_threshold,
+                   "seconds": t.seconds}  # fmt: skip
+        steps.save("decontam", fp_prev, summary, data={"removed": {str(k): v for k, v in found.removed.items()}},
+                   arrays={"keep": keep, "a": pa, "ncc": pn, "local": pl})  # fmt: skip
+        got = steps.load("decontam", fp_prev)
+    keep_clean = got[1]["keep"]
+    results["decontam"] = got
+    if stop_after == "decontam":
+        return {}
+
+    # e/f. selection
+    fp_prev = fingerprint(fp_prev, cfg.retrieve, cfg.balance, cfg.sample, list(cfg.seeds), cfg.seed)
+    if (got := steps.load("select", fp_prev)) is None:
+        with Timer() as t:
+            selected, summary, data = _select(
+                cfg, pool, seeds, np.nonzero(keep_clean)[0], index_cfg
+            )
+        summary["seconds"] = t.seconds
+        steps.save("select", fp_prev, summary, data=data, arrays=selected)
+        got = steps.load("select", fp_prev)
+    results["select"] = got
+    if stop_after == "select":
+        return {}
+
+    # g. write
+    fp_prev = fingerprint(fp_prev, cfg.write)
+    if steps.load("write", fp_prev) is None:
+        with Timer() as t:
+            n_written = write_curated(
+                cfg, pool, got[1]["rows"], got[0]["data"]["reasons"], out / "curated"
+            )
+        steps.save("write", fp_prev, {"in": int(len(got[1]["rows"])), "out": n_written, "seconds": t.seconds,
+                                      "dir": str(out / "curated")})  # fmt: skip
+    if stop_after == "write":
+        return {}
+    return report.write_report(cfg, out, steps.summaries, results)
+
+
+def _select(cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.ndarray,
+            index_cfg: dict) -> tuple[dict, dict, dict]:  # fmt: skip
+    """Rows to keep with reasons; hierarchical clusters for the report."""
+    emb = normalize_rows(np.asarray(pool.embeddings[active]))
+    reasons: dict[int, dict] = {}
+    info: dict = {}
+    if seeds:
+        seed_emb = np.concatenate([np.asarray(s.embeddings) for s in seeds])
+        local, info = retrieve(
+            emb, seed_emb, cfg.retrieve, index_cfg, seed=int(cfg.seed), progress=cfg.progress
+        )
+        seed_keys = [r["key"] for s in seeds for r in s.records]
+        for row, why in local.items():
+            if "seed" in why:
+                why = {**why, "seed": seed_keys[why["seed"]]}
+            reasons[int(active[row])] = why
+        candidates = np.array(sorted(reasons), dtype=np.int64)
+    else:
+        candidates = active
+        reasons = {int(i): {"reason": "kept"} for i in active}
+    target = cfg.sample.target_size
+    cand_emb = (
+        normalize_rows(np.asarray(pool.embeddings[candidates])) if len(candidates) else emb[:0]
+    )
+    leaf = np.full(len(candidates), -1, np.int64)
+    rows = candidates
+    if len(candidates) > 1:
+        counts = (
+            list(cfg.balance.n_clusters)
+            if cfg.balance.n_clusters
+            else auto_clusters(len(candidates), int(cfg.balance.levels))
+        )
+        levels = hierarchical_kmeans(cand_emb, counts, resample_steps=int(cfg.balance.resample_steps),
+                                     sample_sizes=list(cfg.balance.sample_sizes) if cfg.balance.sample_sizes else None,
+                                     niter=int(cfg.balance.niter), seed=int(cfg.seed))  # fmt: skip
+        leaf = levels[0].parent
+        info["clusters_per_level"] = [len(lv.centroids) for lv in levels]
+        if target is not None and int(target) < len(candidates):
+            picked, _ = balanced_sample(levels, int(target), seed=int(cfg.seed), strategy=str(cfg.balance.strategy),
+                                        x=cand_emb)  # fmt: skip
+            rows = candidates[picked]
+    elif target is not None:
+        rows = candidates[: int(target)]
+    leaf_of = dict(zip(candidates.tolist(), leaf.tolist()))
+    data = {
+        "reasons": {
+            str(int(r)): {**reasons[int(r)], "leaf_cluster": int(leaf_of[int(r)])} for r in rows
+        }
+    }
+    summary = {"in": int(len(active)), "out": int(len(rows)), "mode": "retrieval" if seeds else "automatic",
+               "target_size": target, **info}  # fmt: skip
+    arrays = {
+        "rows": np.asarray(rows, dtype=np.int64),
+        "candidates": candidates,
+        "candidate_leaf": leaf,
+    }
+    return arrays, summary, data
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument(
+        "--config", help=f"recipe YAML over {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}"
+    )
+    parser.add_argument(
+        "--step", choices=RUN_STEPS,
+        help="bootstrap: train the bootstrap model only (bootstrap.enabled); embed: the embed step "
+        "only (all groups, or --group G); global: every step after embed (the job after an embed "
+        "array; refuses when a group is missing)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--group", type=int, help="with --step embed: embed only this pool group (SLURM array task "
+        "id), of embed.groups groups (or one per embed.shards_per_job shards)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--list-groups", action="store_true", help="print the number of embed groups and exit"
+    )
+    parser.add_argument(
+        "--stop-after", choices=STEPS[:-1], help="stop after this step (later runs resume)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, rest = split_overrides(args.overrides)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}: give settings as key=value")
+    if args.group is not None and args.step != "embed":
+        raise ConfigError("--group G needs --step embed (one embed job of an array)")
+    cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
+    groups = None if cfg.embed.groups is None else int(cfg.embed.groups)
+    if args.list_groups:
+        print(len(dataset_groups(str(cfg.pool), cfg.embed.shards_per_job, groups)))
+        return 0
+    if args.step == "bootstrap":
+        if not cfg.bootstrap.enabled:
+            raise ConfigError("--step bootstrap needs bootstrap.enabled=true")
+        print(_bootstrap(cfg, Path(cfg.output_dir)))
+        return 0
+    if args.group is not None:
+        run_pipeline(cfg, only_group=args.group)
+        return 0
+    stop_after = "embed" if args.step == "embed" else args.stop_after
+    summary = run_pipeline(cfg, stop_after=stop_after, after_embed=args.step == "global")
+    if summary:
+        print(json.dumps({"curated": summary.get("curated"), "output_dir": str(cfg.output_dir),
+                          "curated_dir": str(Path(cfg.output_dir) / "curated")}))  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point without curation/__main__.py: `python -m curation.run ...`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m curation run", description=__doc__.splitlines()[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ConfigError, *USER_ERRORS) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
