@@ -1,7 +1,8 @@
 """`python -m eval PROTOCOL --backbone PATH --train SPEC --test SPEC [--val SPEC] --out DIR [key=value ...]`
 
-PROTOCOL: a registered protocol (knn, linear, logreg, fewshot, label_efficiency, ...) or `all`
-(the `suite` list). --backbone: a pretraining output dir, an exported backbone, a checkpoint, or
+PROTOCOL: a registered protocol (knn, linear, logreg, fewshot, label_efficiency, finetune, lora,
+adaptformer, bottleneck, prompt, ...) or `all` (the `suite` list; with --adapt also the
+adaptation protocols). --backbone: a pretraining output dir, an exported backbone, a checkpoint, or
 `raw` (flattened pixels). Writes DIR/metrics.json (schema in eval/report.py), metrics.jsonl,
 report.md, PNG plots and config.yaml. Under torchrun every rank extracts a share of the features;
 rank 0 runs the protocols and writes the outputs.
@@ -47,6 +48,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 def _protocol_names(protocol: str, cfg: DictConfig) -> list[str]:
     registry = discover()
     names = [str(p) for p in cfg.suite] if protocol == "all" else [protocol]
+    if protocol == "all" and cfg.adaptation.in_all:  # training protocols only when asked: slow
+        names += [str(m) for m in cfg.adaptation.methods if str(m) not in names]
     if not names:
         raise EvalError("config `suite` is empty: `all` has nothing to run")
     for name in names:
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval",
         description="Evaluate a frozen backbone: k-NN, linear probes, logistic regression, "
-        "few-shot and label efficiency, with medical metrics and bootstrap CIs.",
+        "few-shot and label efficiency, with medical metrics and bootstrap CIs; adapt it: full "
+        "fine-tuning, LoRA, AdaptFormer, bottleneck adapters, prompt tuning.",
     )
     parser.add_argument("protocol", help=f"all | {' | '.join(sorted(registry))}")
     parser.add_argument(
@@ -210,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", help="dataset spec for selection (default: split of train)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", help="recipe YAML overriding eval/configs/default.yaml")
+    parser.add_argument(
+        "--adapt",
+        action="store_true",
+        help="`all` also runs the adaptation protocols (adaptation.methods; adaptation.in_all=true)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
+        overrides = [*args.overrides, *(["adaptation.in_all=true"] if args.adapt else [])]
+        cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
         _init_distributed()
         run_eval(
             args.protocol,

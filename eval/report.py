@@ -17,7 +17,10 @@ metrics.json (schema_version 1):
           "auroc_per_label": [..] (multi-label only), "n", "n_groups",
           "val_<select_metric>": the selection score (when selected on val), "params": {...}}},
       "confusion_matrix": [[true x predicted counts]] of the best setting (single-label),
-      ...protocol extras (linear: n_heads...; logreg: val_grid; label_efficiency: curve)}},
+      ...protocol extras (linear: n_heads...; logreg: val_grid; label_efficiency: curve;
+         adaptation protocols: "adaptation": {"method", "description", "trainable_params",
+         "backbone_params", "head_params", "trainable_share"}, and per setting METHOD@FRACTION
+         the same counts plus "train_seconds" (mean per run) and "val_auroc")}},
   "baselines": {"raw": {"preprocessing", "protocols": {...same layout...}}} (raw_baseline set),
   "skipped": {PROTOCOL: why} (an `all` suite member that does not apply, e.g. few-shot on
              multi-label targets),
@@ -42,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from eval.adaptation_report import adaptation_blocks, adaptation_section, plot_adaptation  # noqa: E402
 from eval.metrics import confusion_matrix  # noqa: E402
 from eval.protocols.base import EvalContext, ProtocolResult  # noqa: E402
 
@@ -353,6 +357,7 @@ def render_markdown(doc: dict[str, Any], plots: dict[str, str]) -> str:
             lines += ["", f"![confusion matrix]({plots[f'confusion_{name}']})"]
         if name == "label_efficiency" and "label_efficiency" in plots:
             lines += ["", f"![label efficiency]({plots['label_efficiency']})"]
+    lines += adaptation_section(doc, plots)
     if "embedding" in plots:
         lines += [
             "",
@@ -383,6 +388,8 @@ def write_report(
         if name == "label_efficiency":
             plot_label_efficiency(result.extras["curve"], out_dir / "label_efficiency.png")
             plots["label_efficiency"] = "label_efficiency.png"
+    if adaptation_blocks(doc):
+        plots["adaptation"] = plot_adaptation(_json_safe(doc), out_dir / "adaptation.png").name
     try:
         path, _ = plot_embedding(ctx, out_dir / "embedding.png")
         plots["embedding"] = path.name
