@@ -1,26 +1,37 @@
-"""Throughput of one DINOv2 training step: images/s, model FLOP/s and MFU, fp32 and bf16 together.
+"""Throughput of one training step of each method: images/s, model FLOP/s and MFU, fp32 and bf16.
 
-Measured in one run, on synthetic multi-crop batches (2 global + n local crops per image):
+Measured in one run, on synthetic batches shaped like what each method's loader yields:
   1. the machine's matmul peak: large square torch.mm in fp32 and bf16 (the MFU denominator);
-  2. a bare timm ViT fwd+bwd on the global-crop batch (what the backbone alone reaches);
-  3. our step: `pretrain.engine.Engine.train_step` with the dinov2 method (DINO + iBOT + KoLeo,
-     EMA teacher, AdamW, grad clipping), exactly what `python -m pretrain` runs per batch;
-  4. lightly's DINO pieces side by side (lightly.loss.DINOLoss + DINOProjectionHead on the same
-     timm ViT, EMA teacher, one forward per view as in lightly's examples), when `import lightly`
-     works.
-Model FLOPs are counted once per workload with torch.utils.flop_counter (matmuls, convolutions,
-attention; forward + backward + teacher forward) and divided by the measured step time.
-A precision whose measured matmul peak would make one step take longer than --max-step-seconds
-is reported as skipped (e.g. bf16 on CPUs without native bf16 matmul support).
+  2. `dinov2`: `pretrain.engine.Engine.train_step` with the dinov2 method (DINO + iBOT + KoLeo,
+     EMA teacher, AdamW, grad clipping) on 2 global + n local crops per image, exactly what
+     `python -m pretrain` runs per batch;
+  3. `timm`: a bare timm ViT fwd+bwd on the DINOv2 global-crop batch (the backbone alone);
+  4. `lightly`: lightly's DINO pieces side by side (lightly.loss.DINOLoss + DINOProjectionHead on
+     the same timm ViT, EMA teacher, one forward per view as in lightly's examples), when
+     `import lightly` works;
+  5. `mae`: the engine step of pretrain/configs/mae_vitb16.yaml (ViT-B/16 at 224, mask 0.75,
+     decoder 8 x 512, norm_pix_loss, AdamW), one image per sample;
+  6. `simclr`: the engine step of pretrain/configs/simclr_resnet50.yaml (ResNet-50 at 224, two
+     views, 3-layer projection head with BN, NT-Xent, LARS).
+The method workloads build the recipe's merged config (default + method defaults + recipe) and go
+through build_method/Engine, so what is timed is the code a real run executes; only sizes,
+the schedule length and the precision are overridden. images/s counts source images (a DINOv2
+image is 2 + n crops, a SimCLR image 2 views). Model FLOPs are counted once per workload with
+torch.utils.flop_counter (matmuls, convolutions, attention; forward + backward + teacher forward)
+and divided by the measured step time. A precision whose measured matmul peak would make one step
+take longer than --max-step-seconds is reported as skipped (e.g. bf16 on CPUs without native
+bf16 matmul support).
 
-    .venv/bin/python bench/train_step.py                      # ViT-S/16, 2x224 + 8x96, batch 16
-    .venv/bin/python bench/train_step.py --batch 4 --steps 2  # quicker
+    .venv/bin/python bench/train_step.py                      # the recipes' models at 224, batch 16
+    .venv/bin/python bench/train_step.py --quick              # small models/images: minutes on a CPU
+    .venv/bin/python bench/train_step.py --mae-batch 128 --simclr-batch 256   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -40,13 +51,22 @@ from torch.utils.flop_counter import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.__main__ import compose_config  # noqa: E402
+from pretrain.__main__ import CONFIG_DIR, compose_config  # noqa: E402
 from pretrain.backbones import build_backbone  # noqa: E402
 from pretrain.engine import Engine  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --max-step-seconds guesses a step at this fraction of the peak (bf16 on this CPU: 10-35 %)
+ASSUMED_MFU = 0.2
+WORKLOADS = ("dinov2", "timm", "lightly", "mae", "simclr")
+# --quick: defaults small enough for a 2-core CPU (explicit options still win)
+QUICK = {
+    "batch": 2, "steps": 1, "global_size": 112, "local_size": 48, "n_local": 2,
+    "prototypes": 4096, "mae_arch": "vit_small", "mae_size": 112, "simclr_arch": "resnet18",
+    "simclr_size": 112, "max_step_seconds": 60.0,
+}  # fmt: skip
 
 # PyTorch's flop counter knows the CUDA attention kernels but not the CPU flash kernel timm uses.
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -68,24 +88,32 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 2.0) -> float:
-    """FLOP/s of the largest square mm (<= 8192) that runs in about budget_s."""
+    """FLOP/s of the fastest square mm (n <= 8192) over the operand layouts a@b, a@b.T, a.T@b.
+
+    CPU kernels differ by layout (bf16 without native units: a.T@b ~10x faster than a@b), and a
+    model's linears and their backward use all three, so the peak is the best of them. A layout
+    stops growing once one product takes longer than budget_s / 16.
+    """
+    layouts = {"nn": lambda a, b: a @ b, "nt": lambda a, b: a @ b.t(), "tn": lambda a, b: a.t() @ b}
     n, best = 256, 0.0
-    while True:
+    while layouts and n <= 8192:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        sync(device)
-        start = time.perf_counter()
-        reps = 0
-        while time.perf_counter() - start < budget_s / 4 or reps < 2:
-            a @ b
-            reps += 1
+        for name, product in list(layouts.items()):
+            product(a, b)
             sync(device)
-        elapsed = time.perf_counter() - start
-        best = max(best, 2 * n**3 * reps / elapsed)
-        if elapsed / reps > budget_s / 8 or n >= 8192:
-            return best
+            start = time.perf_counter()
+            reps = 0
+            while time.perf_counter() - start < budget_s / 12 or reps < 1:
+                product(a, b)
+                reps += 1
+                sync(device)
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * n**3 * reps / elapsed)
+            if elapsed / reps > budget_s / 16:
+                del layouts[name]
         n *= 2
+    return best
 
 
 def autocast(device: torch.device, precision: str):
@@ -120,23 +148,54 @@ def multicrop_batch(args: argparse.Namespace, device: torch.device) -> tuple[dic
     return views, torch.zeros(b, dtype=torch.long)
 
 
-def our_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
-    n_steps = args.warmup + args.steps + 1
+def engine_step(
+    args: argparse.Namespace, recipe: Path | None, overrides: list[str], batch: object,
+    precision: str, device: torch.device, out_dir: str,
+) -> Callable[[], None]:  # fmt: skip
+    """`Engine.train_step` on a fixed batch, for the recipe's merged config + overrides."""
+    common = [
+        "data.train=synthetic", f"output_dir={out_dir}",
+        f"optim.max_steps={args.warmup + args.steps + 1}", "optim.warmup_steps=0",
+        f"train.precision={precision}", f"train.device={device.type}",
+    ]  # fmt: skip
+    engine = Engine(compose_config(recipe, common + overrides), device=device, steps_per_epoch=1000)
+    return lambda: engine.train_step(batch)
+
+
+def dinov2_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
     overrides = [
-        "method=dinov2", "data.train=synthetic", f"output_dir={out_dir}",
-        f"data.batch_size={args.batch}", f"optim.max_steps={n_steps}", "optim.warmup_steps=0",
+        "method=dinov2", f"data.batch_size={args.batch}",
         f"model.arch={args.arch}", f"model.patch_size={args.patch}", f"model.img_size={args.global_size}",
         "model.in_chans=3", "data.channels=3", "model.layerscale=1e-5", "model.drop_path_rate=0.1",
-        f"train.precision={precision}", f"train.device={device.type}",
         f"dinov2.crops.global_crops_size={args.global_size}",
         f"dinov2.crops.local_crops_size={args.local_size}",
         f"dinov2.crops.local_crops_number={args.n_local}",
         f"dinov2.dino.head_n_prototypes={args.prototypes}",
     ]  # fmt: skip
-    cfg = compose_config(None, overrides)
-    engine = Engine(cfg, device=device, steps_per_epoch=1000)
     batch = multicrop_batch(args, device)
-    return (lambda: engine.train_step(batch)), engine
+    return engine_step(args, None, overrides, batch, precision, device, out_dir)
+
+
+def mae_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
+    """MAE recipe: what its loader yields is (B x C x H x W images, labels)."""
+    b, size = args.mae_batch, args.mae_size
+    overrides = [
+        f"data.batch_size={b}", f"model.arch={args.mae_arch}",
+        f"model.patch_size={args.mae_patch}", f"model.img_size={size}",
+    ]  # fmt: skip
+    batch = (torch.randn(b, 3, size, size, device=device), torch.zeros(b, dtype=torch.long))
+    recipe = CONFIG_DIR / "mae_vitb16.yaml"
+    return engine_step(args, recipe, overrides, batch, precision, device, out_dir)
+
+
+def simclr_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
+    """SimCLR recipe: what its loader yields is ([view1, view2], labels)."""
+    b, size = args.simclr_batch, args.simclr_size
+    overrides = [f"data.batch_size={b}", f"model.arch={args.simclr_arch}", f"model.img_size={size}"]
+    views = [torch.randn(b, 3, size, size, device=device) for _ in range(2)]
+    batch = (views, torch.zeros(b, dtype=torch.long))
+    recipe = CONFIG_DIR / "simclr_resnet50.yaml"
+    return engine_step(args, recipe, overrides, batch, precision, device, out_dir)
 
 
 def timm_step(args: argparse.Namespace, precision: str, device: torch.device):
@@ -198,12 +257,12 @@ def lightly_step(args: argparse.Namespace, precision: str, device: torch.device)
     return step
 
 
-def measure(name: str, make: Callable[[], Callable[[], None]], precision: str, args, device,
-            peaks: dict[str, float], flops_cache: dict[str, int]) -> dict:  # fmt: skip
-    row: dict = {"workload": name, "precision": precision, "batch": args.batch}
+def measure(name: str, batch: int, make: Callable[[], Callable[[], None]], precision: str, args,
+            device, peaks: dict[str, float], flops_cache: dict[str, int]) -> dict:  # fmt: skip
+    row: dict = {"workload": name, "precision": precision, "batch": batch}
     flops = flops_cache.get(name)
     if flops is not None:
-        estimate = flops / (peaks[precision] * 0.5)
+        estimate = flops / (peaks[precision] * ASSUMED_MFU)
         if estimate > args.max_step_seconds:
             row["skipped"] = (
                 f"{precision} matmul peak {peaks[precision] / 1e9:.1f} GFLOP/s: one step would take "
@@ -222,38 +281,58 @@ def measure(name: str, make: Callable[[], Callable[[], None]], precision: str, a
     seconds = time_steps(step, args.steps, device)
     flop_s = flops / seconds
     row.update(
-        images_per_s=args.batch / seconds,
+        images_per_s=batch / seconds,
         step_s=seconds,
-        gflop_per_image=flops / args.batch / 1e9,
+        gflop_per_image=flops / batch / 1e9,
         model_tflop_s=flop_s / 1e12,
         mfu=flop_s / peaks[precision],
     )
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--batch", type=int, default=16, help="images per step (each gives 2 + n_local crops)"
-    )
+    p.add_argument("--quick", action="store_true", help=f"small sizes for a CPU: {QUICK}")
+    p.add_argument("--batch", type=int, default=16, help="images per step (0 in --*-batch: this)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per workload")
     p.add_argument(
         "--warmup", type=int, default=1, help="untimed steps first (the first counts FLOPs)"
     )
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--arch", default="vit_small")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {WORKLOADS}")
+    p.add_argument("--arch", default="vit_small", help="dinov2/timm/lightly backbone")
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--n-local", type=int, default=8)
     p.add_argument("--prototypes", type=int, default=65536)
+    p.add_argument("--mae-arch", default="vit_base")
+    p.add_argument("--mae-patch", type=int, default=16)
+    p.add_argument("--mae-size", type=int, default=224)
+    p.add_argument("--mae-batch", type=int, default=0)
+    p.add_argument("--simclr-arch", default="resnet50")
+    p.add_argument("--simclr-size", type=int, default=224)
+    p.add_argument("--simclr-batch", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--max-step-seconds", type=float, default=600.0)
-    p.add_argument("--workloads", default="ours,timm,lightly")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK)
     args = p.parse_args(argv)
+    args.mae_batch = args.mae_batch or args.batch
+    args.simclr_batch = args.simclr_batch or args.batch
+    wanted = ["dinov2" if w == "ours" else w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(wanted) - set(WORKLOADS))
+    if unknown:
+        p.error(f"--workloads: unknown {unknown}; choose from {WORKLOADS}")
+    args.wanted = wanted
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,41 +345,53 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {pr: matmul_peak(DTYPES[pr], device) for pr in DTYPES}
     print(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
                       **{f"matmul_peak_{k}_tflop_s": v / 1e12 for k, v in peaks.items()}}))  # fmt: skip
-    wanted = args.workloads.split(",")
-    try:
-        import lightly  # noqa: F401
+    wanted = args.wanted
+    has_lightly = False
+    if "lightly" in wanted:
+        try:
+            import lightly  # noqa: F401
 
-        has_lightly = True
-    except ImportError as exc:
-        has_lightly = False
-        print(json.dumps({"workload": "lightly", "skipped": f"import lightly failed: {exc}"}))
+            has_lightly = True
+        except ImportError as exc:
+            print(json.dumps({"workload": "lightly", "skipped": f"import lightly failed: {exc}"}))
     rows, flops_cache = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         for precision in precisions:
-            makers: list[tuple[str, Callable]] = []
-            if "ours" in wanted:
-                makers.append(
-                    ("medssl_dinov2", lambda pr=precision: our_step(args, pr, device, tmp)[0])
-                )
-            if "timm" in wanted:
-                makers.append(
-                    ("timm_vit_fwd_bwd", lambda pr=precision: timm_step(args, pr, device))
-                )
-            if "lightly" in wanted and has_lightly:
-                makers.append(("lightly_dino", lambda pr=precision: lightly_step(args, pr, device)))
-            for name, make in makers:
-                row = measure(name, make, precision, args, device, peaks, flops_cache)
+            # (workload, table name, images per step, builder of the step closure)
+            makers: list[tuple[str, str, int, Callable]] = [
+                ("dinov2", "medssl_dinov2", args.batch,
+                 lambda pr=precision: dinov2_step(args, pr, device, tmp)),
+                ("timm", "timm_vit_fwd_bwd", args.batch,
+                 lambda pr=precision: timm_step(args, pr, device)),
+                ("lightly", "lightly_dino", args.batch,
+                 lambda pr=precision: lightly_step(args, pr, device)),
+                ("mae", f"medssl_mae_{args.mae_arch}", args.mae_batch,
+                 lambda pr=precision: mae_step(args, pr, device, tmp)),
+                ("simclr", f"medssl_simclr_{args.simclr_arch}", args.simclr_batch,
+                 lambda pr=precision: simclr_step(args, pr, device, tmp)),
+            ]  # fmt: skip
+            for key, name, batch, make in makers:
+                if key not in wanted or (key == "lightly" and not has_lightly):
+                    continue
+                row = measure(name, batch, make, precision, args, device, peaks, flops_cache)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                gc.collect()  # free this workload's model before the next one
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
     print(
-        f"\n{'workload':<20} {'prec':<5} {'img/s':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>7}"
+        f"\n{'workload':<24} {'prec':<5} {'img/s':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>7}"
     )
     for r in rows:
         if "skipped" in r:
-            print(f"{r['workload']:<20} {r['precision']:<5} skipped: {r['skipped']}")
+            print(f"{r['workload']:<24} {r['precision']:<5} skipped: {r['skipped']}")
             continue
         print(
-            f"{r['workload']:<20} {r['precision']:<5} {r['images_per_s']:>8.2f} "
+            f"{r['workload']:<24} {r['precision']:<5} {r['images_per_s']:>8.2f} "
             f"{r['gflop_per_image']:>10.1f} {r['model_tflop_s']:>8.3f} {100 * r['mfu']:>6.1f}%"
         )
     ours = {r["precision"]: r for r in rows if r["workload"] == "medssl_dinov2" and "mfu" in r}

@@ -76,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     data.channels from model.in_chans when it is null."""
     from pretrain.backbones import BackboneError, resolve_backbone_config
     from pretrain.data.specs import DatasetSpecError, parse_spec
+    from pretrain.init_from import LAYOUT_CHOICES
     from pretrain.schedules import LR_SCALING_RULES
 
     try:
@@ -118,9 +119,14 @@ def validate(cfg: DictConfig) -> None:
             not (cfg.dist.fsdp and str(cfg.train.precision) == "fp16"),
             "dist.fsdp with train.precision=fp16 is not supported (GradScaler is not shard-aware): use bf16",
         ),
+        (int(cfg.init.heads_only_steps) >= 0, "init.heads_only_steps must be >= 0"),
         (
-            cfg.init["from"] is None,
-            "init.from (continued pretraining) is not implemented yet; set it to null",
+            str(cfg.init.layout) in LAYOUT_CHOICES,
+            f"init.layout must be one of {LAYOUT_CHOICES}",
+        ),
+        (
+            cfg.init["from"] is None or Path(str(cfg.init["from"])).exists(),
+            f"init.from: {cfg.init['from']} does not exist",
         ),
     ]
     for ok, message in checks:

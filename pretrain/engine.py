@@ -8,6 +8,11 @@ any order and any number of times; only parameters of `method.ddp_modules()` are
 rest, e.g. an EMA teacher, is listed as ignored). FSDP2 (`dist.fsdp=true`) shards every ViT block,
 then every parameter-holding child of the method (student *and* teacher, so an EMA update pairs
 local shards of equal shape), then the method as root.
+
+Continued pretraining: `init.from` is loaded into every backbone of the method before wrapping
+(pretrain.init_from); during the first `init.heads_only_steps` steps the gradients of
+`method.backbone_parameters()` are dropped after backward, so only the heads train (logged as the
+`backbone_frozen` schedule).
 """
 
 from __future__ import annotations
@@ -111,7 +116,10 @@ class Engine:
         rank: int = 0,
         world_size: int = 1,
         steps_per_epoch: int = 1,
+        apply_init: bool = True,
     ):
+        """apply_init: load `init.from` (continued pretraining); False when a checkpoint of this
+        run will be resumed, so its weights are never overwritten by the initial ones."""
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.global_batch = int(cfg.data.batch_size) * world_size
@@ -123,6 +131,14 @@ class Engine:
         du.seed_everything(int(cfg.train.seed))  # identical initial weights on every rank
         self.method: SSLMethod = build_method(cfg).to(device)
         self.method.train()
+        self.init_report = None
+        if apply_init and cfg.init["from"] is not None:  # before wrapping: plain tensors
+            from pretrain.init_from import initialise_from
+
+            self.init_report = initialise_from(
+                self.method, str(cfg.init["from"]), layout=str(cfg.init.layout),
+                report_dir=cfg.output_dir if rank == 0 else None,
+            )  # fmt: skip
         n = max(self.total_steps, 1)
         self.schedules = build_engine_schedules(
             cfg.optim, n, self.steps_per_epoch, self.global_batch
@@ -132,6 +148,11 @@ class Engine:
             if name in self.schedules or len(values) != n:
                 raise ValueError(f"method schedule {name!r}: duplicate name or length != {n}")
             self.schedules[name] = np.asarray(values, dtype=np.float64)
+        self.heads_only_steps = int(cfg.init.heads_only_steps)
+        if self.heads_only_steps > 0:  # 1 while the backbone is frozen (logged like any schedule)
+            self.schedules["backbone_frozen"] = (np.arange(n) < self.heads_only_steps).astype(
+                np.float64
+            )
 
         if bool(cfg.train.compile):
             for module in self.method.ddp_modules():
@@ -147,6 +168,13 @@ class Engine:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.clip_grad = float(optim.clip_grad)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        # after wrapping: FSDP replaces parameters by sharded ones
+        self.frozen_backbone = self.method.backbone_parameters() if self.heads_only_steps else []
+        if self.heads_only_steps:
+            logger.info(
+                "heads-only warmup: %d backbone tensors frozen for the first %d steps",
+                len(self.frozen_backbone), self.heads_only_steps,
+            )  # fmt: skip
         self.step = 0
         self.nan_skipped = 0
         self.nan_consecutive = 0
@@ -217,6 +245,11 @@ class Engine:
         ):  # fmt: skip
             loss, terms = self.model(batch, state)
         self.scaler.scale(loss).backward()
+        if state.values.get("backbone_frozen", 0.0) > 0:
+            # heads-only warmup: no gradient, so no update, no weight decay and no optimizer state
+            # for the backbone (the EMA teacher then stays equal to it too)
+            for param in self.frozen_backbone:
+                param.grad = None
         self.method.on_after_backward(state)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()

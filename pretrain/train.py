@@ -29,7 +29,16 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pretrain import distributed as du
-from pretrain.checkpoint import EXPORT_DIR, RunCheckpointer, plain, preserve_rng, restore_rng
+from pretrain.checkpoint import (
+    CHECKPOINT_DIR,
+    EXPORT_DIR,
+    CheckpointError,
+    RunCheckpointer,
+    list_checkpoints,
+    plain,
+    preserve_rng,
+    restore_rng,
+)
 from pretrain.config import save_config
 from pretrain.data.loader import build_train_loader
 from pretrain.data.specs import parse_spec
@@ -171,12 +180,18 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
             f"{spec}: {n_samples} samples per epoch, fewer than one global batch ({global_batch})"
         )
     steps_per_epoch = n_samples // global_batch
+    # A run resumed from its own checkpoint continues from it: init.from is applied only once
+    # (max_steps=0 resumes nothing: it exports the initialisation, init.from included).
+    has_checkpoint = int(cfg.optim.max_steps) != 0 and bool(list_checkpoints(out / CHECKPOINT_DIR))
+    if has_checkpoint and cfg.init["from"] is not None:
+        logger.info("init.from not re-applied: resuming from this run's checkpoints")
     engine = Engine(
         cfg,
         device=device,
         rank=env.rank,
         world_size=env.world_size,
         steps_per_epoch=steps_per_epoch,
+        apply_init=not has_checkpoint,
     )
     outputs = RunCheckpointer(cfg, engine, env.is_main)
 
@@ -191,6 +206,11 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
         return out
 
     epoch, batch_in_epoch, rng = outputs.resume()
+    if has_checkpoint and outputs.last_saved < 0 and cfg.init["from"] is not None:
+        raise CheckpointError(
+            f"{out / CHECKPOINT_DIR}: checkpoints exist but none is readable, and init.from was "
+            "not applied; remove them to start again from init.from"
+        )
     if rng is None:
         du.seed_everything(du.rank_seed(int(cfg.train.seed) + engine.step, env.rank))
     transform = engine.method.build_transform()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
@@ -130,3 +131,9 @@ def test_mae_resumes_exactly_and_exports_the_encoder(tiny_npz, tmp_path, monkeyp
     assert meta["method"] == "mae" and meta["step"] == 4
     for key, value in model.state_dict().items():
         assert torch.equal(value, a["model"][f"encoder.{key}"]), key
+    # mae.global_pool=avg (RETFound): the export's output is the mean of the normed patch tokens
+    kwargs = json.loads((resumed / "export" / "backbone.json").read_text())["timm_kwargs"]
+    assert kwargs["global_pool"] == "avg" and kwargs["fc_norm"] is False
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x)[:, 1:].mean(dim=1))

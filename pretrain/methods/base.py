@@ -119,3 +119,14 @@ class SSLMethod(nn.Module):
     def ddp_modules(self) -> list[nn.Module]:
         """Modules that receive gradients; EMA teachers are not in this list."""
         return [self]
+
+    # ---- continued pretraining -----------------------------------------------------------------
+    def backbone_modules(self) -> list[nn.Module]:
+        """Every backbone built by `build_backbone` (they carry `medssl_config`): what `init.from`
+        loads (DINOv2: student and EMA teacher alike, so the teacher starts equal to the student).
+        Override only for a backbone not built by build_backbone."""
+        return [m for m in self.modules() if hasattr(m, "medssl_config")]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Trainable backbone parameters: frozen by the engine during `init.heads_only_steps`."""
+        return [p for m in self.backbone_modules() for p in m.parameters() if p.requires_grad]

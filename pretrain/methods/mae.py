@@ -147,6 +147,14 @@ class MAE(SSLMethod):
         encoder = build_backbone(cfg.model)
         if not isinstance(encoder, VisionTransformer):
             raise ValueError(f"MAE needs a ViT backbone, model.arch={cfg.model.arch}")
+        pool = str(c.global_pool)
+        if pool not in ("token", "avg"):
+            raise ValueError(f"mae.global_pool must be token or avg, got {pool!r}")
+        if pool == "avg":
+            # RETFound / MAE fine-tuning: features = mean of the (final-normed) patch tokens. The
+            # export records it (fc_norm=False keeps timm's `norm` key), so timm users get it too.
+            encoder.global_pool = "avg"
+            encoder.timm_kwargs = {**encoder.timm_kwargs, "global_pool": "avg", "fc_norm": False}
         self.encoder = encoder
         self.patch = int(cfg.model.patch_size)
         self.img_size = int(c.img_size or cfg.model.img_size)
@@ -167,9 +175,9 @@ class MAE(SSLMethod):
             int(c.decoder_num_heads), grid, self.patch * self.patch * self.channels,
         )  # fmt: skip
         logger.info(
-            "MAE: %s encoder, %d/%d patches kept, decoder %d x %d, norm_pix_loss %s",
+            "MAE: %s encoder, %d/%d patches kept, decoder %d x %d, norm_pix_loss %s, pooling %s",
             cfg.model.arch, int(grid * grid * (1 - self.mask_ratio)), grid * grid,
-            int(c.decoder_depth), int(c.decoder_embed_dim), self.norm_pix,
+            int(c.decoder_depth), int(c.decoder_embed_dim), self.norm_pix, pool,
         )  # fmt: skip
 
     def build_transform(self) -> Callable:
