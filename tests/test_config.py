@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -31,7 +33,9 @@ def default(tmp_path):
 def test_merge_order_default_recipe_overrides(default, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("data:\n  batch_size: 8\noptim:\n  base_lr: 1\n")
-    cfg = load_config(default, recipe, ["data.train=a.npz:train", "output_dir=out", "data.batch_size=4"])
+    cfg = load_config(
+        default, recipe, ["data.train=a.npz:train", "output_dir=out", "data.batch_size=4"]
+    )
     assert cfg.data.batch_size == 4  # override beats recipe
     assert cfg.optim.base_lr == 1  # int accepted for a float key
     assert cfg.optim.betas == [0.9, 0.999]  # untouched default kept
@@ -66,7 +70,9 @@ def test_missing_mandatory_and_malformed(default):
 
 
 def test_open_mapping_and_null_default(default):
-    cfg = load_config(default, None, ["data.train=x", "output_dir=o", "extra.anything=1", "data.window=lung"])
+    cfg = load_config(
+        default, None, ["data.train=x", "output_dir=o", "extra.anything=1", "data.window=lung"]
+    )
     assert cfg.extra.anything == 1 and cfg.data.window == "lung"
 
 
@@ -74,3 +80,18 @@ def test_saved_config_round_trips(default, tmp_path):
     cfg = load_config(default, None, ["data.train=x.npz:train", "output_dir=o"])
     path = save_config(cfg, tmp_path / "run")
     assert OmegaConf.load(path) == cfg
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "pretrain" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "recipe", [r for r in RECIPES if r.name != "default.yaml"], ids=lambda p: p.stem
+)
+def test_every_shipped_recipe_composes_and_validates(recipe, medssl_data, tmp_path):
+    from pretrain.__main__ import compose_config, validate
+
+    spec = f"{medssl_data / 'pneumoniamnist.npz'}:train"
+    cfg = compose_config(recipe, [f"data.train={spec}", f"output_dir={tmp_path}"])
+    validate(cfg)  # raises ConfigError naming the problem
+    assert cfg.method in recipe.stem
