@@ -23,10 +23,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format pretrain curation eval launch tests bench
 	$(VENV)/bin/ruff check --fix pretrain curation eval launch tests bench
 
-# Ingest PneumoniaMNIST (train split) + the shared DICOM files, curate them (exact and near duplicates
+# Check the demo data (PneumoniaMNIST is downloaded with `medmnist` when absent and installed),
+# ingest PneumoniaMNIST (train split) + the shared DICOM files, curate them (exact and near duplicates
 # and copies of the held-out val/test images removed), pretrain DINOv2 with the CPU recipe on the
 # curated shards, then evaluate on the held-out splits against a raw-pixel baseline.
 demo: $(STAMP)
+	$(PY) -m launch.demo_data $(MEDSSL_DATA)
 	$(PY) -m launch pipeline $(MEDSSL_DATA)/pneumoniamnist.npz:train $(MEDSSL_DATA)/dicom \
 	    --out $(DEMO_OUT) --cluster local --embed-groups 2 \
 	    --pretrain-config pretrain/configs/dinov2_cpu.yaml \

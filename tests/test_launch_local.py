@@ -354,3 +354,17 @@ def test_curate_plan_trains_the_bootstrap_model_once_before_the_array(tmp_path):
     assert (
         plan[0].calls[0].argv[-2:] == ["--step", "bootstrap"] and out == (tmp_path / "c").resolve()
     )
+
+
+def test_demo_data_check_names_what_is_missing_and_how_to_get_it(
+    tmp_path, medssl_data, monkeypatch, capsys
+):
+    from launch import demo_data
+
+    assert demo_data.main([str(medssl_data)]) == 0  # the shared data is complete: nothing fetched
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # not installed: import raises ImportError
+    assert demo_data.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "pneumoniamnist.npz") in err and "pip install medmnist" in err
+    assert str(tmp_path / "dicom") in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
