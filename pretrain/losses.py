@@ -110,12 +110,8 @@ def sinkhorn_knopp(
     return q.t()
 
 
-class DINOLoss(nn.Module):
-    """DINO loss with its teacher-side normalisation ("centering" or "sinkhorn_knopp").
-
-    Usage per step: probs = loss.teacher_probs(teacher_logits, temp) (also updates the center),
-    then loss(student_global, student_local, probs.view(n_global, B, K)).
-    """
+class _CenteredTeacherLoss(nn.Module):
+    """The teacher-side state DINO and iBOT share: temperatures, normalisation, a running center."""
 
     def __init__(
         self,
@@ -135,6 +131,14 @@ class DINOLoss(nn.Module):
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+
+class DINOLoss(_CenteredTeacherLoss):
+    """DINO loss with its teacher-side normalisation ("centering" or "sinkhorn_knopp").
+
+    Usage per step: probs = loss.teacher_probs(teacher_logits, temp) (also updates the center),
+    then loss(student_global, student_local, probs.view(n_global, B, K)).
+    """
 
     @torch.no_grad()
     def softmax_center(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
@@ -193,27 +197,8 @@ def ibot_masked_cross_entropy(
     return (per_patch * weights).sum() / masks.shape[0]
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 -- the method's published name
+class iBOTPatchLoss(_CenteredTeacherLoss):  # noqa: N801 -- the method's published name
     """iBOT loss with its own running center (patch logits have other statistics than class logits)."""
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "centering",
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(
-                f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}"
-            )
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +26,24 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def medssl_data() -> Path:
     return data_root()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ramp_npz(tmp_path_factory) -> Path:
+    """24 train 16x16 gray images with structure (a ramp plus noise) so that patches differ."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "ramp.npz"
+    ramp = np.linspace(0, 200, 16)[None, :] + rng.integers(0, 50, size=(24, 16, 16))
+    labels = (np.arange(24) % 2)[:, None].astype(np.int64)
+    np.savez(path, train_images=ramp.astype(np.uint8), train_labels=labels)
+    return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -31,25 +30,7 @@ class StopRun(Exception):
     """TEST-ONLY: leave a run at a given step, as a preemption would."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    ramp = np.linspace(0, 200, 16)[None, :] + rng.integers(0, 50, size=(24, 16, 16))
-    np.savez(
-        path,
-        train_images=ramp.astype(np.uint8),
-        train_labels=(np.arange(24) % 2)[:, None].astype(np.int64),
-    )
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -231,11 +212,11 @@ def mae_config(npz, out, **extra):
     return cfg
 
 
-def test_heads_only_warmup_freezes_the_backbone_for_n_steps(tiny_npz, tmp_path):
+def test_heads_only_warmup_freezes_the_backbone_for_n_steps(ramp_npz, tmp_path):
     src = tmp_path / "src"
-    run(mae_config(tiny_npz, src, **{"optim.max_steps": 0}))
+    run(mae_config(ramp_npz, src, **{"optim.max_steps": 0}))
     cfg = mae_config(
-        tiny_npz, tmp_path / "run", **{"init.from": src / "export", "init.heads_only_steps": 2}
+        ramp_npz, tmp_path / "run", **{"init.from": src / "export", "init.heads_only_steps": 2}
     )
     engine = Engine(cfg, device=torch.device("cpu"))
     method: MAE = engine.method
@@ -256,10 +237,10 @@ def test_heads_only_warmup_freezes_the_backbone_for_n_steps(tiny_npz, tmp_path):
     )
 
 
-def test_resume_does_not_reapply_init_from(tiny_npz, tmp_path, monkeypatch):
+def test_resume_does_not_reapply_init_from(ramp_npz, tmp_path, monkeypatch):
     src = tmp_path / "src"
-    run(mae_config(tiny_npz, src, **{"optim.max_steps": 0}))
-    cfg = mae_config(tiny_npz, tmp_path / "run", **{"init.from": src / "export"})
+    run(mae_config(ramp_npz, src, **{"optim.max_steps": 0}))
+    cfg = mae_config(ramp_npz, tmp_path / "run", **{"init.from": src / "export"})
     original = MAE.forward_loss
 
     def stop_at_three(self, batch, state):
@@ -278,13 +259,13 @@ def test_resume_does_not_reapply_init_from(tiny_npz, tmp_path, monkeypatch):
     assert meta["step"] == 4
 
 
-def test_dinov2_run_started_from_a_mae_export_trains_and_exports(tiny_npz, tmp_path):
+def test_dinov2_run_started_from_a_mae_export_trains_and_exports(ramp_npz, tmp_path):
     mae_out = tmp_path / "mae"
-    run(mae_config(tiny_npz, mae_out, **{"optim.max_steps": 1}))
+    run(mae_config(ramp_npz, mae_out, **{"optim.max_steps": 1}))
     mae_encoder = load_backbone(mae_out / "export")[0].state_dict()
     out = tmp_path / "dino"
     overrides = {
-        "method": "dinov2", "output_dir": str(out), "data.train": f"{tiny_npz}:train",
+        "method": "dinov2", "output_dir": str(out), "data.train": f"{ramp_npz}:train",
         "data.batch_size": 8, "data.num_workers": 0, "data.channels": 1,
         "model.arch": "vit_tiny", "model.patch_size": 4, "model.img_size": 16, "model.in_chans": 1,
         "optim.max_steps": 3, "optim.warmup_steps": 1, "train.precision": "fp32",

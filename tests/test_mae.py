@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,24 +20,7 @@ class StopRun(Exception):
     """TEST-ONLY: leave a run at a given step, as a preemption would."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    """24 train 16x16 gray images with structure (gradients) so that patches differ."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    ramp = np.linspace(0, 200, 16)[None, :] + rng.integers(0, 50, size=(24, 16, 16))
-    images = ramp.astype(np.uint8)
-    labels = (np.arange(24) % 2)[:, None].astype(np.int64)
-    np.savez(path, train_images=images, train_labels=labels)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mae_config(npz, out, **extra):
@@ -91,8 +73,8 @@ def test_patchify_and_norm_pix_loss_against_a_hand_computation():
     assert mae_loss(pred, patches, mask, norm_pix=False).item() == pytest.approx(raw, rel=1e-6)
 
 
-def test_encoder_sees_only_kept_patches_and_matches_timm_when_nothing_is_masked(tiny_npz, tmp_path):
-    cfg = mae_config(tiny_npz, tmp_path / "x")
+def test_encoder_sees_only_kept_patches_and_matches_timm_when_nothing_is_masked(ramp_npz, tmp_path):
+    cfg = mae_config(ramp_npz, tmp_path / "x")
     engine = Engine(cfg, device=torch.device("cpu"))
     method: MAE = engine.method
     images = torch.rand(2, 1, 16, 16)
@@ -108,9 +90,9 @@ def test_encoder_sees_only_kept_patches_and_matches_timm_when_nothing_is_masked(
     assert method.backbone_for_export() is method.encoder
 
 
-def test_mae_resumes_exactly_and_exports_the_encoder(tiny_npz, tmp_path, monkeypatch):
+def test_mae_resumes_exactly_and_exports_the_encoder(ramp_npz, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(mae_config(tiny_npz, straight))
+    run(mae_config(ramp_npz, straight))
     original = MAE.forward_loss
 
     def stop_at_two(self, batch, state):
@@ -120,9 +102,9 @@ def test_mae_resumes_exactly_and_exports_the_encoder(tiny_npz, tmp_path, monkeyp
 
     monkeypatch.setattr(MAE, "forward_loss", stop_at_two)
     with pytest.raises(StopRun):
-        run(mae_config(tiny_npz, resumed))
+        run(mae_config(ramp_npz, resumed))
     monkeypatch.setattr(MAE, "forward_loss", original)
-    run(mae_config(tiny_npz, resumed))
+    run(mae_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4
     for key in a["model"]:

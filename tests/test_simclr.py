@@ -8,7 +8,6 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -28,12 +27,7 @@ class StopRun(Exception):
     """TEST-ONLY: leave a run at a given step, as a preemption would."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nt_xent_against_a_hand_computation():
@@ -144,16 +138,6 @@ def test_projection_head_v2_layout():
     assert not head[-1].affine  # last BN: no learned scale/shift
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    images = np.linspace(0, 200, 16)[None, :] + rng.integers(0, 50, size=(24, 16, 16))
-    labels = (np.arange(24) % 2)[:, None].astype(np.int64)
-    np.savez(path, train_images=images.astype(np.uint8), train_labels=labels)
-    return path
-
-
 def simclr_config(npz, out, **extra):
     base = {
         "method": "simclr", "output_dir": str(out), "data.train": f"{npz}:train",
@@ -172,9 +156,9 @@ def simclr_config(npz, out, **extra):
     return cfg
 
 
-def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(tiny_npz, tmp_path, monkeypatch):
+def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(ramp_npz, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(simclr_config(tiny_npz, straight))
+    run(simclr_config(ramp_npz, straight))
     original = SimCLR.forward_loss
 
     def stop_at_two(self, batch, state):
@@ -184,9 +168,9 @@ def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(tiny_npz, tmp
 
     monkeypatch.setattr(SimCLR, "forward_loss", stop_at_two)
     with pytest.raises(StopRun):
-        run(simclr_config(tiny_npz, resumed))
+        run(simclr_config(ramp_npz, resumed))
     monkeypatch.setattr(SimCLR, "forward_loss", original)
-    run(simclr_config(tiny_npz, resumed))
+    run(simclr_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
