@@ -205,6 +205,7 @@ class FeatureExtractor:
             self.model, self.meta, self.transform = None, {"arch": RAW_BACKBONE}, None
             self.window = window
             self.fingerprint = RAW_BACKBONE
+            self.output_variant = "n1"
         else:
             from pretrain.backbones import load_backbone
             from pretrain.transforms import eval_transform
@@ -219,6 +220,9 @@ class FeatureExtractor:
                 self.meta.get("std"),
             )
             self.fingerprint = backbone_fingerprint(self.model, self.meta)
+            # what `model(x)` returns: timm ViTs exported with global_pool="avg" (MAE) pool patches
+            pooled = getattr(self.model, "global_pool", None) == "avg"
+            self.output_variant = "avgpool" if pooled and hasattr(self.model, "blocks") else "n1"
         logger.info("backbone %s: fingerprint %s", self.backbone, self.fingerprint[:16])
 
     @property
@@ -271,6 +275,7 @@ class FeatureExtractor:
         cached = self._load(key)
         if cached is not None:
             logger.info("features of %s from cache %s", parsed, key[:16])
+            cached.output = self.output_variant
             return cached
         dataset = dataset if dataset is not None else self.open(parsed)
         labels = np.asarray(dataset.labels, dtype=np.int64)
@@ -306,6 +311,7 @@ class FeatureExtractor:
             num_classes=num_classes,
             keys=np.asarray(keys, dtype=str),
             patients=groups,
+            output=self.output_variant,
         )
         self._save(key, parsed, features)
         return features

@@ -2,8 +2,11 @@
 
 Cached per image (ViTs): the final-normed CLS token of each of the last `n_last_blocks` blocks and
 the average-pooled patch tokens of the last block -- exactly what the DINOv2 linear heads and k-NN
-need. Variants are named `n<blocks>[+avgpool]`: `n1` is the backbone output (CLS), `n4+avgpool` the
-concatenation of the last 4 CLS tokens and the pooled patch tokens (DINOv2 create_linear_input).
+need. Variants are named `n<blocks>[+avgpool]`: `n1` is the final CLS token, `n4+avgpool` the
+concatenation of the last 4 CLS tokens and the pooled patch tokens (DINOv2 create_linear_input);
+`avgpool` is the pooled patch tokens alone, and `auto` is whatever the backbone itself outputs
+(`avgpool` for a ViT exported with timm's global_pool="avg", such as MAE's; `n1` otherwise), so a
+probe measures the features a timm user of the export would get.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _VARIANT = re.compile(r"^n(\d+)(\+avgpool)?$")
+AUTO = "auto"
+AVGPOOL = "avgpool"
 
 
 class FeatureError(ValueError):
@@ -35,6 +40,7 @@ class FeatureSet:
     num_classes: int
     keys: np.ndarray  # (N,) str
     patients: np.ndarray | None  # (N,) str patient hash, None when no patient is known
+    output: str = "n1"  # the variant `auto` names: the backbone's own output (not cached)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,11 +55,22 @@ class FeatureSet:
         pooled = [False, True] if self.patch_mean is not None else [False]
         return [f"n{b}{'+avgpool' if p else ''}" for b in blocks for p in pooled]
 
+    def resolve(self, name: str) -> str:
+        """The concrete variant `name` stands for (`auto` -> the backbone's output)."""
+        return self.output if name == AUTO else name
+
     def variant(self, name: str) -> np.ndarray:
         """(N, dim) float32 features of variant `name` (DINOv2 create_linear_input)."""
+        name = self.resolve(name)
+        if name == AVGPOOL:
+            if self.patch_mean is None:
+                raise FeatureError("feature variant 'avgpool': no patch tokens for this backbone")
+            return np.ascontiguousarray(self.patch_mean, dtype=np.float32)
         match = _VARIANT.match(name)
         if match is None:
-            raise FeatureError(f"feature variant {name!r} is not of the form n<blocks>[+avgpool]")
+            raise FeatureError(
+                f"feature variant {name!r} is not auto, avgpool or of the form n<blocks>[+avgpool]"
+            )
         blocks, avgpool = int(match.group(1)), bool(match.group(2))
         if not 1 <= blocks <= self.tokens.shape[1]:
             raise FeatureError(

@@ -74,6 +74,16 @@ def build_engine_schedules(
     }
 
 
+def use_channels_last(setting: Any, model: nn.Module) -> bool:
+    """`train.channels_last`: true | false | auto (true when the model has non-patchifying convs,
+    i.e. a ResNet; a ViT's patch embedding alone gains nothing)."""
+    if setting in (True, False):
+        return bool(setting)
+    if str(setting) != "auto":
+        raise ValueError(f"train.channels_last must be true, false or auto, got {setting!r}")
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
@@ -130,6 +140,9 @@ class Engine:
 
         du.seed_everything(int(cfg.train.seed))  # identical initial weights on every rank
         self.method: SSLMethod = build_method(cfg).to(device)
+        if use_channels_last(cfg.train.channels_last, self.method):
+            # NHWC convolutions: ~25 % faster ResNet steps on CPU, the fast path for GPU tensor cores
+            self.method.to(memory_format=torch.channels_last)
         self.method.train()
         self.init_report = None
         if apply_init and cfg.init["from"] is not None:  # before wrapping: plain tensors
@@ -170,6 +183,14 @@ class Engine:
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         # after wrapping: FSDP replaces parameters by sharded ones
         self.frozen_backbone = self.method.backbone_parameters() if self.heads_only_steps else []
+        self._frozen_norms = [
+            m
+            for backbone in self.method.backbone_modules()
+            if any(p.requires_grad for p in backbone.parameters())  # not DINOv2's teacher
+            for m in backbone.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ] if self.heads_only_steps else []  # fmt: skip
+        self._backbone_frozen = False
         if self.heads_only_steps:
             logger.info(
                 "heads-only warmup: %d backbone tensors frozen for the first %d steps",
@@ -227,6 +248,17 @@ class Engine:
             autocast_dtype=self.autocast_dtype,
         )
 
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """Heads-only warmup: BatchNorm statistics stay as loaded (eval mode, re-applied every
+        step in case the loop called .train()), and in a single process the backbone computes no
+        gradients at all (its backward is skipped)."""
+        for norm in self._frozen_norms:
+            norm.train(not frozen and self.method.training)
+        if frozen != self._backbone_frozen and self.world_size == 1:
+            for param in self.frozen_backbone:
+                param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+
     def _grad_norm(self) -> Tensor:
         max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True)
@@ -236,6 +268,8 @@ class Engine:
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One update at `self.step`; returns tensors (no host sync) + `skipped`/`overflow` flags."""
         state = self.step_state()
+        if self.heads_only_steps:
+            self._freeze_backbone(state.values["backbone_frozen"] > 0)
         apply_lr_wd(self.optimizer, state.lr, state.wd, state.values.get("last_layer_lr"))
         self.optimizer.zero_grad(set_to_none=True)
         batch = to_device(batch, self.device)
@@ -245,9 +279,10 @@ class Engine:
         ):  # fmt: skip
             loss, terms = self.model(batch, state)
         self.scaler.scale(loss).backward()
-        if state.values.get("backbone_frozen", 0.0) > 0:
+        if self._backbone_frozen:
             # heads-only warmup: no gradient, so no update, no weight decay and no optimizer state
-            # for the backbone (the EMA teacher then stays equal to it too)
+            # for the backbone (the EMA teacher then stays equal to it too). Under DDP the grads
+            # were computed (its hooks expect them) and are dropped here.
             for param in self.frozen_backbone:
                 param.grad = None
         self.method.on_after_backward(state)

@@ -21,13 +21,23 @@ LAST_LAYER_NAME = "last_layer"  # param-group code marks parameters under this n
 
 
 def _build_mlp(
-    n_layers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, bias: bool = True
+    n_layers: int,
+    in_dim: int,
+    bottleneck_dim: int,
+    hidden_dim: int,
+    bias: bool = True,
+    use_bn: bool = False,
 ) -> nn.Module:
     if n_layers == 1:
         return nn.Linear(in_dim, bottleneck_dim, bias=bias)
-    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
+
+    def hidden(dim_in: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+        return [nn.Linear(dim_in, hidden_dim, bias=bias), *norm, nn.GELU()]
+
+    layers: list[nn.Module] = hidden(in_dim)
     for _ in range(n_layers - 2):
-        layers += [nn.Linear(hidden_dim, hidden_dim, bias=bias), nn.GELU()]
+        layers += hidden(hidden_dim)
     layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
     return nn.Sequential(*layers)
 
@@ -35,8 +45,14 @@ def _build_mlp(
 class DINOHead(nn.Module):
     """MLP (n_layers, GELU) -> L2-normalised bottleneck -> weight-normalised prototypes (no bias).
 
-    forward(x: (..., in_dim)) -> logits (..., out_dim). One head serves class tokens and (iBOT,
+    forward(x: (N, in_dim)) -> logits (N, out_dim). One head serves class tokens and (iBOT,
     shared head) masked patch tokens: callers concatenate them and call it once.
+
+    use_bn (DINO's `use_bn_in_head`, DINOv2's `use_bn`; off by default) puts BatchNorm after each
+    hidden linear layer. On near-identical images (chest X-rays) the class tokens share a large
+    common component that the MLP carries into the bottleneck: every image's bottleneck vector
+    points the same way (cosine ~0.99), the centred teacher logits differ by less than the
+    temperature and the targets go uniform. BN over the batch removes that component.
     """
 
     def __init__(
@@ -47,11 +63,14 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         n_layers: int = 3,
         mlp_bias: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"DINOHead needs n_layers >= 1, got {n_layers}")
-        self.mlp = _build_mlp(n_layers, in_dim, bottleneck_dim, hidden_dim, bias=mlp_bias)
+        self.mlp = _build_mlp(
+            n_layers, in_dim, bottleneck_dim, hidden_dim, bias=mlp_bias, use_bn=use_bn
+        )
         self.apply(self._init_weights)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         with torch.no_grad():

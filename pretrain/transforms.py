@@ -158,18 +158,35 @@ def _blur(size: int, p: float) -> v2.Transform:
     return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, sigma_max))], p=p)
 
 
-def modality_jitter(preset: str) -> list[torch.nn.Module]:
-    """The intensity/colour augmentation of `preset` (plus its extra geometry for pathology)."""
+def modality_jitter(preset: str, strength: float = 1.0) -> list[torch.nn.Module]:
+    """The intensity/colour augmentation of `preset` (plus its extra geometry for pathology).
+
+    strength scales the jitter ranges (SimCLR's `color_jitter_strength`: 1.0 ImageNet, 0.5
+    CIFAR); in X-rays global brightness is part of the finding (opacity), so full-strength
+    intensity invariance can cost accuracy.
+    """
+    if strength < 0:
+        raise ValueError(f"jitter strength must be >= 0, got {strength}")
     if preset == "gray":
-        return [RandomGrayIntensity()]
+        return [
+            RandomGrayIntensity(
+                window=0.1 * strength,
+                brightness=0.4 * strength,
+                contrast=0.4 * strength,
+                gamma=(0.7**strength, 1.5**strength),
+            )
+        ]
     if preset == "rgb":
+        b, c, sat, hue = (strength * v for v in (0.4, 0.4, 0.2, 0.1))
         return [
             ToChannels(3),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(b, c, sat, hue)], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ]
     if preset == "pathology":
-        return [ToChannels(3), v2.RandomVerticalFlip(), RandomRot90(), RandomHEDJitter()]
+        return [
+            ToChannels(3), v2.RandomVerticalFlip(), RandomRot90(), RandomHEDJitter(0.05 * strength)
+        ]  # fmt: skip
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
@@ -260,6 +277,7 @@ class SimCLRTransform:
         *,
         scale: tuple[float, float] = (0.08, 1.0),
         preset: str = "gray",
+        jitter_strength: float = 1.0,
         channels: int | str = "repeat",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -267,7 +285,7 @@ class SimCLRTransform:
         self.view = v2.Compose(
             [
                 *_crop(size, scale),
-                *modality_jitter(preset),
+                *modality_jitter(preset, jitter_strength),
                 _blur(size, 0.5),
                 *_finish(channels, mean, std),
             ]

@@ -318,3 +318,31 @@ def test_multilabel_npz_gets_per_label_and_mean_auroc(tmp_path, capsys):
         ]
     )
     assert code == 2 and "not multi-label" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_auto_features_are_what_the_exported_backbone_outputs(medssl_data, tmp_path, pool):
+    """`features: auto` probes what a timm user of the export gets from `model(x)`: the CLS token,
+    or the mean patch token for exports pooled with global_pool="avg" (MAE's)."""
+    torch.manual_seed(0)
+    model = build_backbone({"arch": "vit_tiny", "patch_size": 4, "img_size": 28, "in_chans": 1})
+    if pool == "avg":  # as MAE exports it (pretrain/methods/mae.py)
+        model.global_pool = "avg"
+        model.timm_kwargs = {**model.timm_kwargs, "global_pool": "avg", "fc_norm": False}
+    export = export_backbone(model, tmp_path / "export")
+    extractor = FeatureExtractor(str(export), cache_dir=tmp_path / "cache")
+    spec = f"{medssl_data / 'breastmnist.npz'}:test"
+    features = extractor(spec)
+    assert features.resolve("auto") == ("avgpool" if pool == "avg" else "n1")
+    timm_model = timm.create_model(
+        **json.loads((export / "backbone.json").read_text())["timm_kwargs"]
+    )
+    timm_model.load_state_dict(safetensors.torch.load_file(str(export / "backbone.safetensors")))
+    images = torch.stack([extractor.open(spec)[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = timm_model.eval()(images).numpy()
+    np.testing.assert_allclose(features.variant("auto")[:8], expected, rtol=1e-4, atol=1e-4)
+    # the cached copy resolves `auto` the same way
+    assert FeatureExtractor(str(export), cache_dir=tmp_path / "cache")(spec).resolve("auto") == (
+        features.resolve("auto")
+    )

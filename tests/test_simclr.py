@@ -15,8 +15,9 @@ from torch import nn
 
 from pretrain import distributed as du
 from pretrain.__main__ import compose_config, validate
-from pretrain.backbones import load_backbone
+from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import load_newest
+from pretrain.engine import use_channels_last
 from pretrain.lars import LARS
 from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head
 from pretrain.optim import build_optimizer, param_groups_lrd
@@ -175,9 +176,46 @@ def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(ramp_npz, tmp
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # train.channels_last=auto trained the ResNet in NHWC (and resumed into it)
+    conv = "backbone.layer1.0.conv1.weight"
+    assert b["model"][conv].is_contiguous(memory_format=torch.channels_last)
+    assert not b["model"][conv].is_contiguous()
     for pid, st in a["optimizer"]["state"].items():  # LARS momentum buffers too
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
     model, meta = load_backbone(resumed / "export")
     assert meta["method"] == "simclr" and meta["step"] == 4
     for key, value in model.state_dict().items():
         assert torch.equal(value, a["model"][f"backbone.{key}"]), key
+
+
+def test_channels_last_auto_means_convnets_only():
+    resnet = build_backbone({"arch": "resnet18", "img_size": 16, "in_chans": 1})
+    vit = build_backbone({"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1})
+    assert use_channels_last("auto", resnet) and not use_channels_last("auto", vit)
+    assert use_channels_last(True, vit) and not use_channels_last(False, resnet)
+    with pytest.raises(ValueError, match="train.channels_last"):
+        use_channels_last("yes", resnet)
+
+
+def test_heads_only_warmup_keeps_batchnorm_statistics_and_skips_backbone_grads(ramp_npz, tmp_path):
+    """A frozen ResNet stays frozen: running BN statistics as loaded, no backbone gradient."""
+    from pretrain.engine import Engine
+
+    run(simclr_config(ramp_npz, tmp_path / "src", **{"optim.max_steps": 0}))
+    cfg = simclr_config(
+        ramp_npz, tmp_path / "run",
+        **{"init.from": tmp_path / "src" / "export", "init.heads_only_steps": 2},
+    )  # fmt: skip
+    engine = Engine(cfg, device=torch.device("cpu"))
+    backbone = engine.method.backbone
+    start = {k: v.clone() for k, v in backbone.state_dict().items()}
+    views = [torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
+    for _ in range(2):
+        engine.train_step((views, torch.zeros(8)))
+        for key, value in backbone.state_dict().items():  # weights and running_mean/var alike
+            assert torch.equal(value, start[key]), key
+        assert all(p.grad is None for p in backbone.parameters())
+    engine.train_step((views, torch.zeros(8)))
+    assert backbone.bn1.training and all(p.requires_grad for p in backbone.parameters())
+    assert not torch.equal(backbone.bn1.running_mean, start["bn1.running_mean"])
+    assert not torch.equal(backbone.layer1[0].conv1.weight, start["layer1.0.conv1.weight"])

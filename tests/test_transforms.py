@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
+from torchvision.transforms import v2
 
 from pretrain.transforms import (
     HED_FROM_RGB,
@@ -19,6 +20,7 @@ from pretrain.transforms import (
     build_pretrain_transform,
     eval_transform,
     mae_transform,
+    modality_jitter,
 )
 
 
@@ -118,3 +120,17 @@ def test_eval_transform_is_deterministic_and_normalised(gray28):
     assert flat.shape == (3, 32, 32) and torch.allclose(flat, torch.ones_like(flat), atol=1e-5)
     imagenet = eval_transform(28)(torch.full((1, 28, 28), 0.485))
     assert abs(float(imagenet[0].mean())) < 1e-5  # ImageNet mean by default for 3 channels
+
+
+@pytest.mark.parametrize("preset", ["gray", "rgb", "pathology"])
+def test_jitter_strength_zero_leaves_intensities_alone_and_one_is_the_default(preset):
+    torch.manual_seed(0)
+    img = torch.rand(3, 16, 16)
+    for module in modality_jitter(preset, 0.0):
+        if isinstance(module, (RandomGrayIntensity, RandomHEDJitter, v2.RandomApply)):
+            torch.testing.assert_close(module(img.clone()), img, atol=1e-5, rtol=0)
+    gray = modality_jitter("gray", 1.0)[0]
+    assert (gray.window, gray.brightness, gray.contrast) == (0.1, 0.4, 0.4)
+    assert gray.gamma == pytest.approx((0.7, 1.5))
+    with pytest.raises(ValueError, match="strength"):
+        modality_jitter(preset, -1.0)

@@ -88,7 +88,7 @@ def run(ctx: EvalContext) -> ProtocolResult:
             "params": {
                 "shots": shots,
                 "episodes": int(cfg.episodes),
-                "features": str(cfg.features),
+                "features": ctx.train.resolve(str(cfg.features)),
             },
         }
     if skipped:

@@ -130,7 +130,7 @@ def run(ctx: EvalContext) -> ProtocolResult:
                 "k": k,
                 "k_used": min(k, len(train_x)),
                 "temperature": cfg.temperature,
-                "features": str(cfg.features),
+                "features": ctx.train.resolve(str(cfg.features)),
             },
         }
         if name in val_scores:

@@ -107,7 +107,7 @@ def run(ctx: EvalContext) -> ProtocolResult:
         f"val_{ctx.cfg.select_metric}": val_scores[name][0],
         "params": {
             "C": best_c,
-            "features": str(cfg.features),
+            "features": ctx.train.resolve(str(cfg.features)),
             "refit": "train+val",
             "standardize": bool(cfg.standardize),
         },

@@ -212,6 +212,7 @@ class DINOv2(SSLMethod):
                 int(section.head_hidden_dim),
                 int(section.head_bottleneck_dim),
                 int(section.head_nlayers),
+                use_bn=bool(section.head_use_bn),
             )
 
         separate = self.do_ibot and bool(c.ibot.separate_head)
@@ -253,6 +254,11 @@ class DINOv2(SSLMethod):
     def train(self, mode: bool = True) -> DINOv2:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses drop path / dropout
+        for module in self.teacher.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # head BN (dinov2.*.head_use_bn): batch statistics, as DINO's teacher; its running
+                # statistics are buffers the EMA does not carry, so eval mode would not normalise
+                module.train(mode)
         return self
 
     def build_transform(self) -> Callable:

@@ -112,7 +112,7 @@ class SimCLR(SSLMethod):
         channels = self.cfg.data.channels or int(self.cfg.model.in_chans)
         return SimCLRTransform(
             self.img_size, scale=tuple(self.c.crop_scale), preset=str(self.c.preset),
-            channels=channels,
+            jitter_strength=float(self.c.jitter_strength), channels=channels,
         )  # fmt: skip
 
     @staticmethod
