@@ -364,6 +364,18 @@ def backbone_modules(method: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _carry_mask_token(method: nn.Module, token: Tensor | None, report: InitReport) -> None:
+    """DINOv2 keeps iBOT's learned mask token in the backbone; this project's DINOv2 keeps it
+    beside the student backbone. Continued DINOv2 pretraining starts from the trained token."""
+    if token is None:
+        return
+    for name, param in method.named_parameters():
+        if name.endswith("mask_token.mask_token") and param.numel() == token.numel():
+            with torch.no_grad():
+                param.copy_(token.reshape(param.shape))
+            report.adapted[name] = "iBOT mask token, from the source's mask_token"
+
+
 def initialise_from(
     method: nn.Module,
     path: str | Path,
@@ -389,6 +401,8 @@ def initialise_from(
     for name, module in targets:
         module.load_state_dict(fitted, strict=True)
         report.targets.append(name)
+    if chosen == "dinov2":
+        _carry_mask_token(method, state.get("mask_token"), report)
     logger.info(
         "init.from %s (%s, layout %s%s): %d tensors into %s",
         resolved, kind, chosen, " detected" if report.layout_detected else "", report.loaded,

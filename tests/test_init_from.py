@@ -20,6 +20,7 @@ from pretrain.__main__ import compose_config, validate
 from pretrain.backbones import BackboneError, build_backbone, export_backbone, load_backbone
 from pretrain.engine import Engine
 from pretrain.init_from import REPORT_FILENAME, initialise_from
+from pretrain.methods import build_method
 from pretrain.methods.mae import MAE
 from pretrain.train import run
 
@@ -102,7 +103,7 @@ def test_dinov2_layout_registers_chunks_swiglu_prefixes(tmp_path):
             key = f"blocks.{i // 4}.{i}." + key.split(".", 2)[2]  # block_chunks=3 layout
         dino[{"reg_token": "register_tokens"}.get(key, key)] = value
     dino["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 5:]], dim=1)
-    dino["mask_token"] = torch.zeros(1, 192)
+    dino["mask_token"] = torch.randn(1, 192)
     full = {f"module.teacher.backbone.{k}": v for k, v in dino.items()}
     full.update({f"module.student.backbone.{k}": v + 1 for k, v in dino.items()})
     full["module.teacher.dino_head.mlp.0.weight"] = torch.zeros(8, 192)
@@ -113,6 +114,19 @@ def test_dinov2_layout_registers_chunks_swiglu_prefixes(tmp_path):
     assert report.dropped == ["mask_token"] and not report.unknown
     assert_same(holder.teacher, sd)  # teacher weights, not the student's (+1)
     assert_same_function(holder.student, src)
+    # a DINOv2 method also takes the trained iBOT mask token (kept beside its student backbone)
+    model = {**VIT, **cfg}
+    method = build_method(
+        compose_config(None, [
+            "method=dinov2", "data.train=unused.npz:train", "optim.max_steps=1", f"output_dir={tmp_path / 'out'}",
+            *(f"model.{k}={v}" for k, v in model.items()), "dinov2.crops.global_crops_size=16",
+            "dinov2.crops.local_crops_size=8", "dinov2.dino.head_n_prototypes=16",
+            "dinov2.dino.head_hidden_dim=16", "dinov2.dino.head_bottleneck_dim=8",
+        ])
+    )  # fmt: skip
+    report = initialise_from(method, tmp_path / "d.pth")
+    assert torch.equal(method.student.mask_token.mask_token, dino["mask_token"])
+    assert "student.mask_token.mask_token" in report.adapted
 
 
 def test_mae_pretrain_and_retfound_finetuned_layouts(tmp_path):
