@@ -261,7 +261,7 @@ def _config_from_meta(info: Mapping[str, Any]) -> dict[str, Any]:
     return resolve_backbone_config(c)
 
 
-def _find_export(path: Path) -> Path:
+def find_export(path: Path) -> Path:
     """Resolve a user path to a backbone.json or a .pt checkpoint (newest found in a run dir)."""
     if not path.exists():
         raise FileNotFoundError(f"backbone path not found: {path}")
@@ -311,7 +311,8 @@ def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
     return model, info
 
 
-def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Keys without DDP (`module.`) and torch.compile (`_orig_mod.`) wrapper prefixes."""
     out = {}
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
@@ -339,7 +340,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[nn.M
         )
     model = build_backbone({**cfg, "drop_path_rate": 0.0})
     try:
-        model.load_state_dict(_strip_prefixes(state), strict=True)
+        model.load_state_dict(strip_prefixes(state), strict=True)
     except RuntimeError as exc:
         raise BackboneError(
             f"{path}: backbone weights do not match backbone_config: {str(exc)[:600]}"
@@ -365,7 +366,7 @@ def load_backbone(
         "config": the full plain-dict run config whose "model" entry is that dict;
       - optional "step" (int) and "meta" (dict merged into the returned meta: mean, std, window...).
     """
-    target = _find_export(Path(path))
+    target = find_export(Path(path))
     if target.suffix == ".pt":
         model, info = _load_checkpoint(target, map_location)
     elif target.name == META_FILENAME:

@@ -33,8 +33,8 @@ from pretrain.backbones import (
     META_FILENAME,
     WEIGHTS_FILENAME,
     BackboneError,
-    _find_export,
-    _strip_prefixes,
+    find_export,
+    strip_prefixes,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def read_source(path: str | Path) -> tuple[dict[str, Tensor], str, list[str], Pa
         raise FileNotFoundError(f"init.from: {given} does not exist")
     target = given
     if given.is_dir() or given.name in (META_FILENAME, WEIGHTS_FILENAME):
-        target = _find_export(given)  # export dir/json, or run dir (newest export, else *.pt)
+        target = find_export(given)  # export dir/json, or run dir (newest export, else *.pt)
     if target.name == META_FILENAME:
         weights = target.with_name(WEIGHTS_FILENAME)
         if not weights.is_file():
@@ -390,7 +390,7 @@ def initialise_from(
     if not targets:
         raise BackboneError(f"{type(method).__name__} holds no backbone built by build_backbone")
     state, kind, container, resolved = read_source(path)
-    state, namespace, others = _select_namespace(_strip_prefixes(state))
+    state, namespace, others = _select_namespace(strip_prefixes(state))
     chosen = layout
     if layout == "auto":
         chosen = "timm" if kind != "state_dict" else detect_layout(list(state))
