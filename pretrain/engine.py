@@ -74,6 +74,14 @@ def build_engine_schedules(
     }
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN's bf16 matmuls beat fp32 (without them they emulate, slowly)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def use_channels_last(setting: Any, model: nn.Module) -> bool:
     """`train.channels_last`: true | false | auto (true when the model has non-patchifying convs,
     i.e. a ResNet; a ViT's patch embedding alone gains nothing)."""
@@ -136,6 +144,12 @@ class Engine:
         self.total_steps = resolve_total_steps(cfg.optim, self.steps_per_epoch)
         self.precision = str(cfg.train.precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        if self.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+            logger.warning(
+                "train.precision=bf16 on a CPU without native bf16 matmuls (%s): they run several "
+                "times slower than fp32 here (bench/train_step.py); train.precision=fp32 is faster",
+                torch.backends.cpu.get_cpu_capability(),
+            )
         self.fsdp = bool(cfg.dist.fsdp) and world_size > 1
 
         du.seed_everything(int(cfg.train.seed))  # identical initial weights on every rank

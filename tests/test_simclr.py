@@ -19,7 +19,7 @@ from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import load_newest
 from pretrain.engine import use_channels_last
 from pretrain.lars import LARS
-from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head
+from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head, zero_init_residual_
 from pretrain.optim import build_optimizer, param_groups_lrd
 from pretrain.train import run
 
@@ -219,3 +219,14 @@ def test_heads_only_warmup_keeps_batchnorm_statistics_and_skips_backbone_grads(r
     assert backbone.bn1.training and all(p.requires_grad for p in backbone.parameters())
     assert not torch.equal(backbone.bn1.running_mean, start["bn1.running_mean"])
     assert not torch.equal(backbone.layer1[0].conv1.weight, start["layer1.0.conv1.weight"])
+
+
+def test_zero_init_residual_makes_every_block_start_as_the_identity():
+    resnet = build_backbone({"arch": "resnet18", "img_size": 16, "in_chans": 1})
+    assert zero_init_residual_(resnet) == 8
+    x = torch.rand(2, 64, 8, 8)  # post-ReLU input of layer1
+    for block in resnet.layer1:  # no downsample: out = relu(x + 0) = x
+        torch.testing.assert_close(block.train()(x), x)
+    assert zero_init_residual_(build_backbone({"arch": "resnet50", "img_size": 16})) == 16
+    vit = build_backbone({"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1})
+    assert zero_init_residual_(vit) == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -50,6 +51,22 @@ def projection_head(
     if bn:
         mods.append(nn.BatchNorm1d(out_dim, affine=False))  # SimCLR: center=False, no scale on last
     return nn.Sequential(*mods)
+
+
+def zero_init_residual_(backbone: nn.Module) -> int:
+    """Zero the scale of each residual block's last BatchNorm (Goyal et al. 2017), as SimCLR's
+    ResNet does (`init_zero=True`) and timm does by default: every block starts as the identity.
+    Returns how many were zeroed (0 for a ViT)."""
+    last_norms = [
+        m.bn3 if isinstance(m, torchvision.models.resnet.Bottleneck) else m.bn2
+        for m in backbone.modules()
+        if isinstance(
+            m, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+        )
+    ]
+    for norm in last_norms:
+        nn.init.zeros_(norm.weight)
+    return len(last_norms)
 
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
@@ -88,6 +105,8 @@ class SimCLR(SSLMethod):
         c = cfg.simclr
         self.c = c
         self.backbone = build_backbone(cfg.model)
+        if bool(c.zero_init_residual):
+            zero_init_residual_(self.backbone)
         dim = int(self.backbone.num_features)
         hidden = int(c.proj_hidden_dim or dim)
         self.head = projection_head(
