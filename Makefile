@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 export MEDSSL_DATA ?= $(abspath ../shared/data)
 DEMO_OUT ?= demo_out
+# SimCLR's CPU recipe learns fastest on 28 px X-rays (k-NN 0.88 vs raw pixels 0.83, ~3.5 min);
+# DEMO_RECIPE=pretrain/configs/dinov2_cpu.yaml runs the DINOv2 one (below raw pixels so far).
+DEMO_RECIPE ?= pretrain/configs/simclr_cpu.yaml
 
 .PHONY: install test lint demo clean
 
@@ -25,13 +28,13 @@ lint: $(STAMP)
 
 # Check the demo data (PneumoniaMNIST is downloaded with `medmnist` when absent and installed),
 # ingest PneumoniaMNIST (train split) + the shared DICOM files, curate them (exact and near duplicates
-# and copies of the held-out val/test images removed), pretrain DINOv2 with the CPU recipe on the
+# and copies of the held-out val/test images removed), pretrain with $(DEMO_RECIPE) on the
 # curated shards, then evaluate on the held-out splits against a raw-pixel baseline.
 demo: $(STAMP)
 	$(PY) -m launch.demo_data $(MEDSSL_DATA)
 	$(PY) -m launch pipeline $(MEDSSL_DATA)/pneumoniamnist.npz:train $(MEDSSL_DATA)/dicom \
 	    --out $(DEMO_OUT) --cluster local --embed-groups 2 \
-	    --pretrain-config pretrain/configs/dinov2_cpu.yaml \
+	    --pretrain-config $(DEMO_RECIPE) \
 	    --eval-train $(MEDSSL_DATA)/pneumoniamnist.npz:train \
 	    --eval-val $(MEDSSL_DATA)/pneumoniamnist.npz:val \
 	    --eval-test $(MEDSSL_DATA)/pneumoniamnist.npz:test \
