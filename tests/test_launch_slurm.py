@@ -37,8 +37,11 @@ STATE = Path(os.environ.get("MEDSSL_SLURM_STATE", "/tmp/medssl-slurm"))
 JOB_TIMEOUT_S = 420  # per wait; a loaded 2-core machine imports torch slowly
 
 
-def tiny_dinov2(data: Path, out: Path, steps: int = 8) -> list[str]:
+def tiny_dinov2(data: Path, out: Path, steps: int = 40) -> list[str]:
     """The DINOv2 method at toy size: a ViT-tiny on 16 px crops of BreastMNIST, CPU, fp32.
+
+    40 steps (a few seconds) leave the interrupt and the requeue time to land after the first
+    checkpoint (step 2) and before the run ends; with 8 steps a fast machine finished first.
 
     Metrics and collapse monitors run only at the last step: a monitor that runs at a checkpoint
     step currently moves the RNG state that the checkpoint records (pretrain/train.py saves after
@@ -137,17 +140,20 @@ def runs(slurm_cluster, medssl_data, tmp_path_factory):
     eval_jobs = submit_plan(eval_plan, _opts(outs["eval"]), outs["eval"])
     jobs["eval-cells"], jobs["eval-table"] = eval_jobs[0].jobs, eval_jobs[1].jobs
 
-    failing = root / "failing"
-    failed = subprocess.run(
+    failing = root / "failing"  # `--wait` blocks until the job ends: collected after the interrupts
+    failing_cli = subprocess.Popen(
         [sys.executable, "-m", "launch", "ingest", str(root / "no_such_source"), "--out", str(failing),
          "--cluster", "slurm", "--wait"],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
 
     _await_checkpoint(outs["preempted"])
     jobs["preempted"][0]._interrupt()  # SIGTERM then USR2, as SLURM preemption does
     _await_checkpoint(outs["requeued"])
     subprocess.run(["scontrol", "requeue", requeue_id], check=True)
+    out, err = failing_cli.communicate(timeout=JOB_TIMEOUT_S)
+    failed = subprocess.CompletedProcess(failing_cli.args, failing_cli.returncode, out, err)
 
     outcome = {"outs": outs, "failed": failed, "failing": failing}
     for name, job_list in jobs.items():
@@ -195,7 +201,7 @@ def _assert_resumed_like_reference(runs, name: str, first_status: str) -> None:
     assert [e["status"] for e in ends] == [first_status, "completed"], ends
     assert "resumed from" in (out / "train.log").read_text()
     ckpt, ref = _final(out), _final(ref_out)
-    assert ckpt["step"] == ref["step"] == 8
+    assert ckpt["step"] == ref["step"] == 40
     assert ckpt["model"].keys() == ref["model"].keys()
     for key, value in ref["model"].items():
         assert torch.equal(ckpt["model"][key], value), (
