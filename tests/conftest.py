@@ -47,3 +47,25 @@ def ramp_npz(tmp_path_factory) -> Path:
     labels = (np.arange(24) % 2)[:, None].astype(np.int64)
     np.savez(path, train_images=ramp.astype(np.uint8), train_labels=labels)
     return path
+
+
+class StopRun(Exception):
+    """TEST-ONLY: leave a run at a given step, as a preemption would."""
+
+
+def run_interrupted(cfg, method_cls: type, stop_step: int, monkeypatch) -> None:
+    """Run `cfg` until step `stop_step` begins and die there (as a kill would; the checkpoints
+    written so far stay), then restore the method for the resumed run."""
+    from pretrain.train import run
+
+    original = method_cls.forward_loss
+
+    def stop(self, batch, state):
+        if state.step == stop_step:
+            raise StopRun
+        return original(self, batch, state)
+
+    monkeypatch.setattr(method_cls, "forward_loss", stop)
+    with pytest.raises(StopRun):
+        run(cfg)
+    monkeypatch.setattr(method_cls, "forward_loss", original)

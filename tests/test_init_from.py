@@ -23,12 +23,9 @@ from pretrain.init_from import REPORT_FILENAME, initialise_from
 from pretrain.methods import build_method
 from pretrain.methods.mae import MAE
 from pretrain.train import run
+from tests.conftest import run_interrupted
 
 VIT = {"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1}
-
-
-class StopRun(Exception):
-    """TEST-ONLY: leave a run at a given step, as a preemption would."""
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,17 +252,7 @@ def test_resume_does_not_reapply_init_from(ramp_npz, tmp_path, monkeypatch):
     src = tmp_path / "src"
     run(mae_config(ramp_npz, src, **{"optim.max_steps": 0}))
     cfg = mae_config(ramp_npz, tmp_path / "run", **{"init.from": src / "export"})
-    original = MAE.forward_loss
-
-    def stop_at_three(self, batch, state):
-        if state.step == 3:
-            raise StopRun
-        return original(self, batch, state)
-
-    monkeypatch.setattr(MAE, "forward_loss", stop_at_three)
-    with pytest.raises(StopRun):
-        run(cfg)
-    monkeypatch.setattr(MAE, "forward_loss", original)
+    run_interrupted(cfg, MAE, 3, monkeypatch)
     # the source is gone: a resumed run that re-applied init.from would fail to read it
     (src / "export" / "backbone.safetensors").write_bytes(b"not weights")
     run(cfg)

@@ -14,11 +14,7 @@ from pretrain.checkpoint import load_newest
 from pretrain.engine import Engine
 from pretrain.methods.mae import MAE, encode_visible, mae_loss, patchify, random_masking
 from pretrain.train import run
-
-
-class StopRun(Exception):
-    """TEST-ONLY: leave a run at a given step, as a preemption would."""
-
+from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,17 +89,7 @@ def test_encoder_sees_only_kept_patches_and_matches_timm_when_nothing_is_masked(
 def test_mae_resumes_exactly_and_exports_the_encoder(ramp_npz, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(mae_config(ramp_npz, straight))
-    original = MAE.forward_loss
-
-    def stop_at_two(self, batch, state):
-        if state.step == 2:
-            raise StopRun
-        return original(self, batch, state)
-
-    monkeypatch.setattr(MAE, "forward_loss", stop_at_two)
-    with pytest.raises(StopRun):
-        run(mae_config(ramp_npz, resumed))
-    monkeypatch.setattr(MAE, "forward_loss", original)
+    run_interrupted(mae_config(ramp_npz, resumed), MAE, 2, monkeypatch)
     run(mae_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4

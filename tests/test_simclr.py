@@ -22,11 +22,7 @@ from pretrain.lars import LARS
 from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head, zero_init_residual_
 from pretrain.optim import build_optimizer, param_groups_lrd
 from pretrain.train import run
-
-
-class StopRun(Exception):
-    """TEST-ONLY: leave a run at a given step, as a preemption would."""
-
+from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,17 +156,7 @@ def simclr_config(npz, out, **extra):
 def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(ramp_npz, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(simclr_config(ramp_npz, straight))
-    original = SimCLR.forward_loss
-
-    def stop_at_two(self, batch, state):
-        if state.step == 2:
-            raise StopRun
-        return original(self, batch, state)
-
-    monkeypatch.setattr(SimCLR, "forward_loss", stop_at_two)
-    with pytest.raises(StopRun):
-        run(simclr_config(ramp_npz, resumed))
-    monkeypatch.setattr(SimCLR, "forward_loss", original)
+    run_interrupted(simclr_config(ramp_npz, resumed), SimCLR, 2, monkeypatch)
     run(simclr_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4
