@@ -12,6 +12,7 @@ import logging
 import sys
 
 from pretrain.config import ConfigError
+from pretrain.privacy import PrivacyError
 
 COMMANDS = {
     "ingest": ("curation.ingest", "raw images (DICOM, PNG/JPEG/TIFF/BMP, .npz) -> shards"),
@@ -35,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     module_name, help_text = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"python -m curation {argv[0]}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"python -m curation {argv[0]}", description=help_text,
+                                     fromfile_prefix_chars="@")  # launch's private argument files
     module.add_arguments(parser)
     args = parser.parse_intermixed_args(argv[1:])  # `SRC --out D key=value` in any order
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(module.run(args))
-    except (ConfigError, *getattr(module, "USER_ERRORS", ())) as exc:
+    except (ConfigError, PrivacyError, *getattr(module, "USER_ERRORS", ())) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,9 @@ Three reasons, each recorded per removed image: pixel-identical to an eval image
 of one (aligned copy score within the decontamination threshold, looser than dedup's because a
 missed contamination inflates every reported metric while a lost pool image costs little), or
 the same patient as an eval image (salted patient hash from ingest): two scans of one patient are
-not copies, but a model pretrained on one has seen the other's anatomy.
+not copies, but a model pretrained on one has seen the other's anatomy. Patient keys are compared
+only when both sides were made with the same site key (their records' `key_fingerprint`): keys made
+with two keys never match, so the comparison is refused rather than silently finding nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from curation.dedup import Pairs, copy_pairs
 from curation.embed import short_side
+from pretrain.privacy import check_same_key
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ def decontaminate(
                     found.add(i, "exact", name, rec["key"], 1.0)
         if cfg.patients:
             patients = {r["patient"]: r["key"] for r in records if r.get("patient")}
+            if patients:
+                check_same_key({"the pool": _fingerprints(pool_records, active),
+                                f"eval set {name}": _fingerprints(records)},
+                               "patient decontamination")  # fmt: skip
             for i in active:
                 p = pool_records[i].get("patient")
                 if p and p in patients:
@@ -73,3 +80,9 @@ def decontaminate(
                 found.add(int(a), "copy", name, records[b]["key"], s)
         logger.info("eval set %s: %d pool images removed so far", name, len(found.removed))
     return found
+
+
+def _fingerprints(records: list[dict], index: np.ndarray | None = None) -> set[str | None]:
+    """Site-key fingerprints of the records that carry a patient key."""
+    chosen = records if index is None else (records[i] for i in index)
+    return {r.get("key_fingerprint") for r in chosen if r.get("patient")}

@@ -52,7 +52,7 @@ def _best_per_pair(
     key = q.astype(np.int64) * n_db + d
     order = np.lexsort((-s, key))
     key, s = key[order], s[order]
-    first = np.r_[True, key[1:] != key[:-1]]
+    first = np.r_[True, key[1:] != key[:-1]][: len(key)]  # no candidates: nothing to keep
     return key[first] // n_db, key[first] % n_db, s[first]
 
 

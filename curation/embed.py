@@ -38,7 +38,8 @@ from pretrain.data.specs import DatasetSpec, parse_spec
 logger = logging.getLogger(__name__)
 
 DONE = "DONE.json"
-RECORD_FIELDS = ("key", "sha256", "patient", "modality", "height", "width", "label", "source")
+RECORD_FIELDS = ("key", "sha256", "patient", "key_fingerprint", "modality", "height", "width",
+                 "label", "source")  # fmt: skip
 
 
 class EmbedError(RuntimeError):

@@ -7,14 +7,20 @@ after each rename its records go to OUT/.parts/shard-N.jsonl (rebuilt from the t
 first) and rejections are appended to OUT/.parts/rejected.jsonl. A re-run skips inputs whose samples
 are all committed or that were rejected, resumes a half-committed input after its committed
 samples, and rebuilds manifest.jsonl / rejected.jsonl at the end.
+
+Privacy: every output names an input by its keyed pseudonym under the site key (`key`, and
+`source` too unless `sources=keep`), never by its path; the one map from pseudonym to path is
+OUT/private/sources.jsonl (mode 0600, or `private_dir=`), written before any work. Every record
+and OUT/privacy.json carry the key's fingerprint, and a re-run with another key is refused.
+Transient rejections (cannot open, out of memory) are retried by the next run of the command.
 Test hook for kill-and-rerun tests: see _ShardSink.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -33,22 +39,41 @@ from tqdm import tqdm
 
 from pretrain.config import load_config, save_config, split_overrides
 from pretrain.data import readers, shards
-from pretrain.data.dicom import resolve_patient_salt
+from pretrain.data.dicom import BURNED_IN_POLICIES
 from pretrain.data.readers import NPZ_SPLITS, UnreadableImageError
+from pretrain.privacy import SALT_ENV, PrivacyError, SiteKey, private_jsonl, resolve_site_key
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ingest.yaml"
 TEST_EXIT_ENV = "MEDSSL_INGEST_TEST_EXIT_AFTER"
 # Settings that do not change the output, so a re-run may differ in them.
-VOLATILE_KEYS = ("workers", "progress", "npz_chunk", "patient_salt")
+VOLATILE_KEYS = ("workers", "progress", "npz_chunk", "private_dir", "patient_salt_file")
+SOURCE_MODES = ("pseudonym", "keep")
+PRIVACY_FILE = "privacy.json"
+TRANSIENT = ("cannot open", "out of memory")  # reasons worth another try on the next run
 
 
 class IngestError(RuntimeError):
     """The command cannot run as asked (bad SRC, OUT from another ingest, ...)."""
 
 
-USER_ERRORS = (IngestError,)
+USER_ERRORS = (IngestError, PrivacyError)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How outputs name inputs: keyed pseudonyms, or (`keep`, public data) readable sources."""
+
+    site: SiteKey
+    keep: bool
+
+    def key(self, source: str) -> str:
+        return self.site.pseudonym(source)
+
+    def shown(self, source: str) -> str:
+        """The name an output may show: the source itself only with `sources=keep`."""
+        return source if self.keep else self.key(source)
 
 
 @dataclass(frozen=True)
@@ -80,12 +105,13 @@ def _npz_units(path: Path, base: str, splits: tuple[str, ...], cfg: DictConfig) 
     try:
         shapes = readers.npz_split_shapes(path, splits)
     except UnreadableImageError as exc:
-        return [Unit("reject", str(path), base, reason=_reason(exc, path))]
+        return [Unit("reject", str(path), base, reason=_redact(str(exc), str(path), base))]
     modality = readers.npz_modality(path, OmegaConf.to_container(cfg.npz_modality))
     units: list[Unit] = []
     for split, shape in shapes.items():
         if isinstance(shape, str):
-            units.append(Unit("reject", str(path), f"{base}:{split}", reason=_reason(shape, path)))
+            reason = _redact(shape, str(path), f"{base}:{split}")
+            units.append(Unit("reject", str(path), f"{base}:{split}", reason=reason))
             continue
         # Bound a work unit to ~4 MB of pixels: large images get smaller chunks.
         chunk = max(1, min(int(cfg.npz_chunk), (4 << 20) // max(1, int(np.prod(shape[1:])))))
@@ -97,16 +123,33 @@ def _npz_units(path: Path, base: str, splits: tuple[str, ...], cfg: DictConfig) 
     return units
 
 
-def _files(root: Path, exclude: Path | None) -> list[tuple[str, Path]]:
-    """(source name, path) of a SRC: `root/rel/path` for folders (hidden entries and the output
-    folder skipped), sorted."""
+def _files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
+    """(source name, path, rejection reason or "") of a SRC: `root/rel/path` for folders, sorted.
+
+    Hidden entries and the output folder are skipped; symbolic links to folders are not
+    followed, and they, link loops and broken links get a reason instead of silence."""
     if not root.is_dir():
-        return [(root.name, root)]
-    found = (
-        p for p in root.rglob("*") if p.is_file() and not (exclude and p.is_relative_to(exclude))
-    )
-    visible = (p for p in found if not any(s.startswith(".") for s in p.relative_to(root).parts))
-    return sorted((f"{root.name}/{p.relative_to(root).as_posix()}", p) for p in visible)
+        return [(root.name, root, "")]
+    found: list[tuple[str, Path, str]] = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and here / d != exclude]
+        for d in [d for d in dirs if (here / d).is_symlink()]:
+            dirs.remove(d)
+            found.append((here / d, "symbolic link to a folder: not followed (give its target "
+                                    "as a SRC to ingest it)"))  # fmt: skip
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                continue
+            try:
+                path.stat()
+            except OSError as exc:
+                loop = exc.errno == errno.ELOOP
+                found.append((path, "symbolic link loop" if loop else f"cannot open: {exc.strerror}"))
+                continue
+            found.append((path, "" if path.is_file() else "not a regular file"))
+    return sorted((f"{root.name}/{p.relative_to(root).as_posix()}", p, why) for p, why in found)
 
 
 def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None) -> list[Unit]:
@@ -121,7 +164,10 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
             continue
         if not Path(text).exists():
             raise IngestError(f"{text}: no such file or directory")
-        for base, path in _files(Path(text), exclude):
+        for base, path, why in _files(Path(text), exclude):
+            if why:
+                units.append(Unit("reject", str(path), base, reason=why))
+                continue
             try:
                 kind = readers.sniff(path)
             except OSError as exc:
@@ -135,30 +181,40 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
     for unit in units:  # the same SRC given twice is ingested once; two files, one name: refused
         other = unique.setdefault((unit.base, unit.start), unit)
         if other.path != unit.path:
-            raise IngestError(
-                f"two inputs get the source name {unit.base!r}: {other.path}, {unit.path}"
-            )
+            raise IngestError("two inputs get the same source name (the same folder name given "
+                              "twice as SRC?); give their parent folder instead")  # fmt: skip
     return list(unique.values())
 
 
 # ------------------------------------------------------------------------------------ workers
-def _reason(exc: Exception | str, path: str | Path) -> str:
-    """The error message without the absolute path prefix (the source already names the input)."""
-    text = str(exc)
-    return text.removeprefix(f"{path}: ")
+def _redact(text: str, path: str, base: str) -> str:
+    """An error message with the input's path, source name and each part of them redacted: the
+    pseudonym already names the input, and folder and file names can name a patient."""
+    text = text.removeprefix(f"{path}: ")
+    names = {path, base, *Path(path).parts, *base.replace(":", "/").split("/")}
+    for name in sorted((n for n in names if len(n) >= 3), key=len, reverse=True):
+        text = text.replace(name, "<input>")
+    return text
 
 
-def _encode(unit: Unit, image: readers.DecodedImage) -> dict:
-    """Manifest record = key, source, sha256, the reader's record, split, label (+ shard later)."""
+def _reason(exc: Exception, unit: Unit) -> str:
+    return _redact(str(exc), unit.path, unit.base)
+
+
+def _encode(unit: Unit, image: readers.DecodedImage, naming: Naming) -> dict:
+    """Manifest record = key, source, input, key fingerprint, sha256, the reader's record, split,
+    label (+ shard later)."""
     rec = image.record
     source = unit.source(rec["index_in_source"], rec["n_in_source"])
-    key = hashlib.sha256(source.encode()).hexdigest()[:32]
-    full = {"key": key, "source": source, "sha256": shards.pixel_sha256(image.pixels), **rec}
+    key = naming.key(source)
+    full = {"key": key, "source": naming.shown(source), "input": naming.key(unit.base),
+            "key_fingerprint": naming.site.fingerprint(),
+            "sha256": shards.pixel_sha256(image.pixels), **rec}  # fmt: skip
     full.update(split=rec.get("split"), label=rec.get("label"))
     return shards.encode_sample(key, image.pixels, full)
 
 
-def _unit_samples(unit: Unit, skip: int, opts: dict) -> list[dict]:
+def _unit_samples(unit: Unit, skip: int, opts: dict, naming: Naming) -> list[dict]:
     if unit.kind == "npz":
         start = unit.start + skip
         images = readers.npz_images(
@@ -167,21 +223,25 @@ def _unit_samples(unit: Unit, skip: int, opts: dict) -> list[dict]:
         if len(images) != unit.stop - start or images[0].record["n_in_source"] != unit.split_size:
             raise UnreadableImageError(f"{unit.path}: changed while ingesting")
     else:
-        images = readers.read_image_file(unit.path, **opts)[skip:]
-    return [_encode(unit, img) for img in images]
+        images = readers.read_image_file(unit.path, site_key=naming.site, **opts)[skip:]
+    return [_encode(unit, img, naming) for img in images]
 
 
-def process_unit(task: tuple[Unit, int, dict]) -> tuple[list[dict], str | None]:
+def process_unit(task: tuple[Unit, int, dict, Naming]) -> tuple[list[dict], str | None]:
     """Worker: (encoded samples, None) or ([], rejection reason). Never raises for bad input."""
-    unit, skip, opts = task
+    unit, skip, opts, naming = task
     if unit.kind == "reject":
-        return [], unit.reason
+        return [], unit.reason  # written by the planner, already without names
     try:
-        return _unit_samples(unit, skip, opts), None
+        return _unit_samples(unit, skip, opts, naming), None
     except UnreadableImageError as exc:
-        return [], _reason(exc, unit.path)
+        return [], _reason(exc, unit)
+    except MemoryError:
+        return [], "out of memory while decoding"
+    except OSError as exc:  # permissions, a file system that went away: worth another try
+        return [], f"cannot open: {exc.strerror or type(exc).__name__}"
     except Exception as exc:  # an unforeseen decoder failure must not stop the other inputs
-        return [], f"unexpected {type(exc).__name__}: {_reason(exc, unit.path)}"[:400]
+        return [], f"unexpected {type(exc).__name__}: {_reason(exc, unit)}"[:400]
 
 
 # ------------------------------------------------------------------------------ resume state
@@ -216,47 +276,76 @@ def _committed_records(out: Path, parts: Path, shard_size: int) -> list[list[dic
     return result
 
 
+def is_transient(reason: str) -> bool:
+    return reason.startswith(TRANSIENT)
+
+
 def _load_rejections(path: Path) -> dict[str, str]:
-    """Rejections logged by earlier runs; a line cut by a kill is dropped (that input is redone)."""
+    """Lasting rejections logged by earlier runs (by shown name). A line cut by a kill is dropped
+    and transient ones are forgotten: those inputs are tried again."""
     good = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            good.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not is_transient(record["reason"]):
+            good.append(record)
     _write_atomic(path, _jsonl(good))
     return {r["source"]: r["reason"] for r in good}
 
 
 def resume_plan(
-    units: list[Unit], committed: list[dict], rejected: dict[str, str]
-) -> list[tuple[Unit, int, bool]]:
-    """(unit, samples to skip, must_reject) for the work left, checking OUT matches these inputs."""
-    tasks: list[tuple[Unit, int, bool]] = []
-    pos = 0
+    units: list[Unit], committed: list[dict], rejected: dict[str, str], naming: Naming
+) -> list[tuple[Unit, int]]:
+    """(unit, samples to skip) for the work left, checking OUT holds nothing these inputs do not
+    produce. Committed samples are found by key, so an input retried after a transient rejection
+    may sit after inputs that follow it in SRC order."""
+    at = {rec["key"]: i for i, rec in enumerate(committed)}
+    tasks: list[tuple[Unit, int]] = []
+    matched = 0
     for unit in units:
-        if unit.base in rejected:
+        if naming.shown(unit.base) in rejected:
             continue
-        if pos >= len(committed):
-            tasks.append((unit, 0, False))
+        first = unit.start
+        pos = at.get(naming.key(unit.source(first, 1)), at.get(naming.key(unit.source(first, 2))))
+        if pos is None:
+            tasks.append((unit, 0))
             continue
-        rec, first = committed[pos], unit.start
-        n = int(rec["n_in_source"])
-        if rec["index_in_source"] != first or rec["source"] != unit.source(first, n):
-            tasks.append((unit, 0, True))  # before committed samples yet not in them: was rejected
-            continue
-        take = min(unit.count(n), len(committed) - pos)
-        if committed[pos + take - 1]["source"] != unit.source(first + take - 1, n):
-            raise IngestError(f"OUT does not match the inputs at {unit.base!r} (inputs changed?)")
-        pos += take
+        n = int(committed[pos]["n_in_source"])
+        take = 0
+        while take < unit.count(n) and pos + take < len(committed):
+            if committed[pos + take]["key"] != naming.key(unit.source(first + take, n)):
+                break
+            take += 1
+        matched += take
         if take < unit.count(n):
-            tasks.append((unit, take, False))
-    if pos != len(committed):
+            tasks.append((unit, take))
+    if matched != len(committed):
         raise IngestError(
-            f"OUT holds samples these inputs do not produce (first: {committed[pos]['source']!r}); "
-            "use the original SRC list or a new --out"
+            f"OUT holds {len(committed) - matched} sample(s) these inputs do not produce; use the "
+            "original SRC list, the same site key, or a new --out"
         )
     return tasks
+
+
+def _check_same_key(out: Path, naming: Naming) -> None:
+    """Refuse a re-run under another site key or source mode: one output, one kind of name."""
+    path = out / PRIVACY_FILE
+    mine = {"key_fingerprint": naming.site.fingerprint(),
+            "sources": "keep" if naming.keep else "pseudonym"}  # fmt: skip
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("key_fingerprint") != mine["key_fingerprint"]:
+            raise PrivacyError(
+                f"{out} was ingested with the site key of fingerprint {old.get('key_fingerprint')}, "
+                f"this run has {mine['key_fingerprint']} ({naming.site.origin}); use that key "
+                "again or a new --out"
+            )
+        if old.get("sources") != mine["sources"]:
+            raise IngestError(f"{out} was ingested with sources={old.get('sources')}; re-run with "
+                              "it or use a new --out")  # fmt: skip
+    _write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
 
 def _check_same_settings(out: Path, cfg: DictConfig) -> None:
@@ -267,13 +356,30 @@ def _check_same_settings(out: Path, cfg: DictConfig) -> None:
     new = OmegaConf.to_container(cfg)
     for key in sorted((set(old) | set(new)) - set(VOLATILE_KEYS)):
         if old.get(key) != new.get(key):
-            raise IngestError(f"{out} holds an ingest with different '{key}' ({old.get(key)!r} vs "
-                              f"{new.get(key)!r}); re-run the original command or use a new --out")  # fmt: skip
+            values = "" if key == "src" else f" ({old.get(key)!r} vs {new.get(key)!r})"
+            raise IngestError(f"{out} holds an ingest with different '{key}'{values}; re-run "
+                              "the original command or use a new --out")  # fmt: skip
+
+
+def _write_private_map(cfg: DictConfig, units: list[Unit], naming: Naming) -> Path:
+    """OUT/private/sources.jsonl (mode 0600): the one place where pseudonyms meet paths."""
+    folder = Path(cfg.private_dir) if cfg.private_dir else Path(cfg.out) / "private"
+    roots = [{"src": naming.key(src), "path": src} for src in cfg.src]
+    inputs = {u.base: {"input": naming.key(u.base), "source": u.base, "path": u.path} for u in units}
+    path = folder / "sources.jsonl"
+    private_jsonl(path, [*roots, *inputs.values()])
+    return path
 
 
 def ingest(cfg: DictConfig) -> dict[str, Any]:
     """Run the ingest described by cfg (see configs/ingest.yaml); returns the summary."""
     started, out = time.time(), Path(cfg.out)
+    if cfg.sources not in SOURCE_MODES:
+        raise IngestError(f"sources must be one of {SOURCE_MODES}, got {cfg.sources!r}")
+    if cfg.dicom.burned_in not in BURNED_IN_POLICIES:
+        raise IngestError(f"dicom.burned_in must be one of {BURNED_IN_POLICIES}, "
+                          f"got {cfg.dicom.burned_in!r}")  # fmt: skip
+    naming = Naming(resolve_site_key(cfg.patient_salt_file, out=out), cfg.sources == "keep")
     units = plan_inputs(list(cfg.src), cfg, exclude=out)  # bad SRC: fail before touching OUT
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")  # noqa: SIM115 - held for the whole run
@@ -282,34 +388,35 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
     except OSError as exc:
         raise IngestError(f"{out}: another ingest is writing here") from exc
     parts = out / ".parts"
-    _check_same_settings(out, cfg)
-    salt = resolve_patient_salt(cfg.patient_salt, out)
-    save_config(OmegaConf.merge(cfg, {"patient_salt": None}), out)  # the salt stays out of outputs
+    _check_same_key(out, naming)
+    shown = OmegaConf.merge(cfg, {"src": [naming.shown(src) for src in cfg.src]})
+    _check_same_settings(out, shown)
+    save_config(shown, out)
+    _write_private_map(cfg, units, naming)
     parts.mkdir(exist_ok=True)
     for stale in out.glob("*.tar.tmp"):  # half-written shard of a killed run
         stale.unlink()
     shard_lines = _committed_records(out, parts, int(cfg.shard_size))
     committed = [line for lines in shard_lines for line in lines]
     rejections = _load_rejections(parts / "rejected.jsonl")
-    tasks = resume_plan(units, committed, rejections)
-    logger.info("%d input unit(s), %d to do; %d sample(s) already committed in %s",
-                len(units), len(tasks), len(committed), out)  # fmt: skip
-    opts = {"patient_salt": salt, "modality": str(cfg.raster_modality),
+    tasks = resume_plan(units, committed, rejections, naming)
+    logger.info("%d input unit(s), %d to do; %d sample(s) already committed in %s (site key %s)",
+                len(units), len(tasks), len(committed), out, naming.site.fingerprint())  # fmt: skip
+    opts = {"modality": str(cfg.raster_modality), "burned_in": str(cfg.dicom.burned_in),
             "ct_window_preset": cfg.dicom.ct_window_preset,
             "use_window_tags": bool(cfg.dicom.use_window_tags)}  # fmt: skip
     sink = _ShardSink(out, parts, int(cfg.shard_size), shard_lines)
     rejected_log = open(parts / "rejected.jsonl", "a")  # noqa: SIM115 - closed below
-    results = _results([(unit, skip, opts) for unit, skip, _ in tasks], int(cfg.workers))
+    results = _results([(unit, skip, opts, naming) for unit, skip in tasks], int(cfg.workers))
     try:
         bar = tqdm(total=len(tasks), unit="input", disable=not cfg.progress, desc="ingest")
-        for (unit, _, must_reject), (samples, reason) in zip(tasks, results):
+        for (unit, _), (samples, reason) in zip(tasks, results):
             bar.update(1)
-            if must_reject and samples:
-                raise IngestError(f"OUT does not match the inputs at {unit.base!r} (changed?)")
             if reason is not None:
-                logger.warning("rejected %s: %s", unit.base, reason)
-                rejections[unit.base] = reason
-                rejected_log.write(json.dumps({"source": unit.base, "reason": reason}) + "\n")
+                name = naming.shown(unit.base)
+                logger.warning("rejected %s: %s", name, reason)
+                rejections[name] = reason
+                rejected_log.write(json.dumps({"source": name, "reason": reason}) + "\n")
                 rejected_log.flush()
             for sample in samples:
                 sink.add(sample)
@@ -319,7 +426,7 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
         sink.abort()
         results.close()
         rejected_log.close()
-    summary = _finish(out, units, shard_lines, rejections, started)
+    summary = _finish(out, [naming.shown(u.base) for u in units], shard_lines, rejections, started)
     lock.close()
     return summary
 
@@ -381,10 +488,10 @@ class _ShardSink:
             self.writer.abort()
 
 
-def _finish(out: Path, units: list[Unit], shard_lines: list[list[dict]],
+def _finish(out: Path, names: list[str], shard_lines: list[list[dict]],
             rejections: dict[str, str], started: float) -> dict[str, Any]:  # fmt: skip
     _write_atomic(out / "manifest.jsonl", "".join(_jsonl(lines) for lines in shard_lines))
-    ordered = list(dict.fromkeys(u.base for u in units if u.base in rejections))
+    ordered = list(dict.fromkeys(name for name in names if name in rejections))
     rejected = [{"source": base, "reason": rejections[base]} for base in ordered]
     _write_atomic(out / "rejected.jsonl", _jsonl(rejected))
     ingested, seconds = sum(map(len, shard_lines)), round(time.time() - started, 3)
@@ -414,6 +521,9 @@ def _absolute(src: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """`python -m curation ingest`: exit 0 when anything was ingested."""
     overrides, sources = split_overrides(args.src)
+    if any(o.partition("=")[0].strip() == "patient_salt" for o in overrides):
+        raise IngestError("patient_salt= is not taken on the command line, where shell histories "
+                          f"and launch records keep it: set ${SALT_ENV} or patient_salt_file=PATH")  # fmt: skip
     flags = {"shard_size": args.shard_size, "workers": args.workers}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
@@ -426,6 +536,6 @@ def run(args: argparse.Namespace) -> int:
     summary = ingest(cfg)
     print(json.dumps(summary), flush=True)
     if summary["ingested"] == 0:
-        print(f"error: nothing could be ingested from {' '.join(cfg.src)}: {summary['rejected']} "
-              f"input(s) rejected, reasons in {Path(cfg.out) / 'rejected.jsonl'}", file=sys.stderr)  # fmt: skip
+        print(f"error: nothing could be ingested: {summary['rejected']} input(s) rejected, reasons "
+              f"in {Path(cfg.out) / 'rejected.jsonl'}", file=sys.stderr)  # fmt: skip
     return 0 if summary["ingested"] else 1

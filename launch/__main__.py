@@ -67,14 +67,25 @@ def plan_stage(stage: str, stage_args: list[str], args: argparse.Namespace):
     return plan, out, options_from_args(args, out)
 
 
+def public_command(stage: str, argv: Sequence[str]) -> str:
+    """The command as launch records keep it: ingest and pipeline take raw input paths, which
+    can name patients, so their arguments stay in the private arguments file instead."""
+    if stage in ("ingest", "pipeline"):
+        return f"python -m launch {stage} (arguments in the ingest's private/launch-ingest.args)"
+    return "python -m launch " + shlex.join(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, stage_args = parser.parse_known_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
-    command = "python -m launch " + shlex.join(argv)
+    command = public_command(args.stage, argv)
     try:
+        from launch.stages import refuse_salt_argument
+
+        refuse_salt_argument(stage_args)
         plan, out, opts = plan_stage(args.stage, stage_args, args)
         submitted = submit_plan(plan, opts, out, wait=args.wait, command=command)
     except JobFailed as exc:

@@ -18,6 +18,7 @@ from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
 from launch.results import gather_eval_table
 from launch.submit import PlannedJob
+from pretrain.privacy import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,40 @@ def ingest_out(stage_args: Sequence[str]) -> Path:
     return Path(known.out).resolve()
 
 
+def refuse_salt_argument(args: Sequence[str]) -> None:
+    """A salt on the command line would land in jobs.jsonl, submitit files and shell histories."""
+    if any(a.partition("=")[0].strip() == "patient_salt" for a in _split(args)[0]):
+        raise LaunchError("patient_salt= is not taken on the command line: set "
+                          "$MEDSSL_PATIENT_SALT or patient_salt_file=PATH")  # fmt: skip
+
+
 def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[PlannedJob], Path]:
-    """One job: `python -m curation ingest SRC... --out DIR ...` (a re-run resumes)."""
+    """One job: `python -m curation ingest @ARGS_FILE` (a re-run resumes).
+
+    The SRC paths (folders named after patients, often) go into a private arguments file,
+    OUT/private/launch-ingest.args (mode 0600, or under private_dir=), which argparse reads;
+    the job, its submitit pickle and the launch records name only that file."""
+    refuse_salt_argument(stage_args)
     try:
         out = ingest_out(stage_args)
     except SystemExit as exc:
         raise LaunchError(
             "ingest needs --out DIR (python -m curation ingest SRC... --out DIR)"
         ) from exc
-    job = _job("ingest", "curation", ["ingest", *stage_args], out, opts)
+    private = dict(o.split("=", 1) for o in _split(stage_args)[0]).get("private_dir")
+    args_file = (Path(private) if private else out / "private") / "launch-ingest.args"
+    absolute = [_resolve_arg(a) for a in stage_args]  # the job may start in another folder
+    write_private(args_file.resolve(), "".join(f"{a}\n" for a in absolute))
+    job = _job("ingest", "curation", ["ingest", f"@{args_file.resolve()}"], out, opts)
     return [PlannedJob("ingest", [job])], out
+
+
+def _resolve_arg(arg: str) -> str:
+    """An existing relative path (or x.npz:split) made absolute; anything else unchanged."""
+    path = arg.rsplit(":", 1)[0] if ".npz:" in arg else arg
+    if arg.startswith("-") or "=" in arg or not Path(path).exists():
+        return arg
+    return str(Path(path).resolve()) + arg[len(path) :]
 
 
 # ------------------------------------------------------------------------------------ pretrain

@@ -28,6 +28,20 @@ def medssl_data() -> Path:
     return data_root()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_config(tmp_path_factory):
+    """The per-user site key is made in a test-owned config folder, never the developer's own
+    (subprocesses inherit it); tests that need a known key set $MEDSSL_PATIENT_SALT."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("user-config"))
+    os.environ.pop("MEDSSL_PATIENT_SALT", None)
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.

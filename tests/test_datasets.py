@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from pretrain.data.datasets import open_dataset
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.shards import ShardWriter, encode_sample
+from pretrain.privacy import SiteKey
 
 
 def test_npz_val_split_items_and_labels(medssl_data):
@@ -66,7 +67,7 @@ def test_flat_folder_has_no_labels_and_dicom_frames_are_items(medssl_data, tmp_p
     _save_png(tmp_path / "x.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
     shutil.copy(medssl_data / "dicom" / "emri_small.dcm", tmp_path / "mr_no_extension")
     shutil.copy(medssl_data / "dicom" / "CT_small.dcm", tmp_path / "ct.dcm")
-    ds = open_dataset(tmp_path, patient_salt="test-salt")
+    ds = open_dataset(tmp_path, site_key=SiteKey(b"test-salt-012345", "test"))
     assert ds.num_classes == 0 and set(ds.labels.tolist()) == {-1}
     assert len(ds) == 12  # CT + 10 MR frames + the PNG
     assert ds.keys[:2] == ["ct.dcm", "mr_no_extension#0"] and ds.keys[-1] == "x.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import shutil
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, convert_color_space
 
-from pretrain.data.dicom import patient_key, phi_values, scrub
+from pretrain.data.dicom import phi_values, scrub
 from pretrain.data.readers import (
     UnreadableImageError,
     iter_npz,
@@ -19,6 +21,7 @@ from pretrain.data.readers import (
 )
 from pretrain.data.shards import decode_sample, encode_sample, modality_values
 from pretrain.data.windowing import to_float_image
+from pretrain.privacy import SiteKey
 
 
 def dcm(data, name):
@@ -32,7 +35,7 @@ def dcm(data, name):
 def test_dicom_modality_values_exact_after_encode(medssl_data, name):
     ds = pydicom.dcmread(dcm(medssl_data, name))
     frames = ds.pixel_array if int(ds.get("NumberOfFrames") or 1) > 1 else ds.pixel_array[None]
-    images = read_image_file(dcm(medssl_data, name), patient_salt="s")
+    images = read_image_file(dcm(medssl_data, name), site_key=SiteKey(b"s" * 16, "test"))
     assert len(images) == len(frames)
     for index, (image, frame) in enumerate(zip(images, frames)):
         assert image.pixels.dtype == frame.dtype  # int16 CT stays int16
@@ -46,14 +49,18 @@ def test_dicom_modality_values_exact_after_encode(medssl_data, name):
 
 
 def test_dicom_record_fields(medssl_data):
-    ct = read_image_file(dcm(medssl_data, "CT_small.dcm"), patient_salt="salt")[0].record
+    key = SiteKey(b"test key 0123456", "test")
+    ct = read_image_file(dcm(medssl_data, "CT_small.dcm"), site_key=key)[0].record
     assert ct["modality"] == "CT" and ct["photometric"] == "MONOCHROME2" and ct["bits"] == 16
     assert (ct["height"], ct["width"], ct["channels"]) == (128, 128, 1)
     # No window tags in CT_small: the configured CT preset is recorded.
     assert ct["pixel"]["intercept"] == -1024.0 and ct["pixel"]["slope"] == 1.0
     assert (ct["pixel"]["window_center"], ct["pixel"]["window_width"]) == (40.0, 400.0)
     assert ct["pixel"]["window_preset"] == "mediastinum"
-    assert ct["patient"] == patient_key("1CT1", "salt") != patient_key("1CT1", "other")
+    keyed = hmac.new(b"test key 0123456", b"patient\x001CT1", hashlib.sha256).hexdigest()[:16]
+    assert ct["patient"] == keyed  # HMAC-SHA256 of PatientID under the site key
+    other = read_image_file(dcm(medssl_data, "CT_small.dcm"), site_key=SiteKey(b"o" * 16, "t"))
+    assert other[0].record["patient"] != keyed
     assert read_image_file(dcm(medssl_data, "CT_small.dcm"))[0].record["patient"] is None
     # Multi-valued window tags: the first value is used.
     mr = read_image_file(dcm(medssl_data, "MR-SIEMENS-DICOM-WithOverlays.dcm"))[0].record

@@ -42,6 +42,7 @@ from pretrain.data.readers import (
 from pretrain.data.shards import decode_sample
 from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.windowing import Window, to_float_image
+from pretrain.privacy import SiteKey
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +138,10 @@ class FolderDataset(_Base):
         transform: Transform | None = None,
         window: Window = None,
         *,
-        patient_salt: str | None = None,
+        site_key: SiteKey | None = None,
     ):
         super().__init__(spec, transform, window)
-        self.patient_salt = patient_salt
+        self.site_key = site_key
         root = spec.path
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         class_dirs = [d for d in class_dirs if any(_files(d))]
@@ -169,7 +170,7 @@ class FolderDataset(_Base):
             files, desc=f"indexing {root.name}", unit="file", disable=len(files) < 1000
         ):
             try:
-                decoded = read_image_file(path, patient_salt=patient_salt)
+                decoded = read_image_file(path, site_key=site_key)
             except UnreadableImageError as exc:
                 logger.warning("skipping unreadable image: %s", exc)
                 self.skipped.append(path)
@@ -189,7 +190,7 @@ class FolderDataset(_Base):
     def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         path, frame = self.items[index]
         if self._cache is None or self._cache[0] != path:
-            self._cache = (path, read_image_file(path, patient_salt=self.patient_salt))
+            self._cache = (path, read_image_file(path, site_key=self.site_key))
         decoded = self._cache[1]
         if frame >= len(decoded):
             raise UnreadableImageError(
@@ -312,7 +313,7 @@ def open_dataset(
 ) -> Dataset:
     """Map-style dataset for any spec; see the module docstring for the item layout.
 
-    kwargs: `patient_salt` for folders of DICOMs (passed to `readers.read_image_file`).
+    kwargs: `site_key` (pretrain.privacy.SiteKey) for folders of DICOMs (see read_image_file).
     """
     parsed = spec if isinstance(spec, DatasetSpec) else parse_spec(spec)
     if parsed.kind == "npz":

@@ -1,18 +1,16 @@
 """DICOM reading that keeps stored values exact and lets no identifying header value out.
 
 Only a whitelist of technical fields reaches the record (modality, photometric, bits, rescale, window,
-frame index, size); the patient becomes a salted hash. Header values are never put into exception
+frame index, size); the patient becomes a keyed hash under the site key (pretrain/privacy.py). Pixels
+keep BitsStored bits only (no overlay planes); text burned into them is rejected or masked. Header values are never put into exception
 messages or logs: pydicom's own warnings (which may quote values) are silenced during reading and
 our error messages are scrubbed against the file's PHI values (PHI_KEYWORDS, PN/DA/DT/TM, UIDs).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
-import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from pydicom.multival import MultiValue
 
 from pretrain.data.readers import DecodedImage, UnreadableImageError, make_record
 from pretrain.data.windowing import WINDOW_PRESETS
+from pretrain.privacy import SiteKey
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ PHI_KEYWORDS: frozenset[str] = frozenset(
         "IrradiationEventUID", "TimezoneOffsetFromUTC",
     }
 )  # fmt: skip
-SALT_ENV = "MEDSSL_PATIENT_SALT"
-SALT_FILE = ".patient_salt"
+BURNED_IN_POLICIES = ("reject", "keep", "mask")
 PHI_VRS = frozenset({"PN", "DA", "DT", "TM", "UI"})
 _CODE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 
@@ -104,31 +102,72 @@ def scrub(text: str, phi: set[str]) -> str:
     return text
 
 
-def patient_key(patient_id: Any, salt: str | None) -> str | None:
-    """Salted SHA-256 of PatientID: groups a patient's images without revealing who they are."""
-    text = "" if patient_id is None else str(patient_id).strip()
-    if not text or salt is None:
+def burned_in_annotation(ds: Dataset) -> bool:
+    """The header says text is burned into the pixels (BurnedInAnnotation=YES)."""
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
+def burned_in_regions(ds: Dataset) -> list[tuple[int, int, int, int]] | None:
+    """Rectangles (x0, y0, x1, y1) to black out, from deid's header rules (RSNA CTP's filter
+    script); None when a rule flags the image but names no region, so it cannot be masked."""
+    import contextlib
+    import io
+
+    from deid.dicom.pixels import has_burned_pixels
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        result = has_burned_pixels(ds)  # deid's bot prints header values: keep them off the logs
+    boxes: list[tuple[int, int, int, int]] = []
+    for item in result.get("results", []):
+        for keep, coords in item.get("coordinates", []):
+            for box in coords if isinstance(coords, list) else [coords]:
+                if str(keep) == "0" and isinstance(box, str) and box.lower() != "all":
+                    x0, y0, x1, y1 = (int(v) for v in box.split(","))
+                    boxes.append((x0, y0, x1, y1))
+                elif str(keep) == "0":  # "all": the whole image is text
+                    return None
+    return boxes or None
+
+
+def _mask_boxes(arr: np.ndarray, boxes: list[tuple[int, int, int, int]], invert: bool) -> np.ndarray:
+    """Black out each box: the lowest value, or the highest for MONOCHROME1 (inverted)."""
+    arr, fill = arr.copy(), arr.max() if invert else arr.min()
+    for x0, y0, x1, y1 in boxes:
+        arr[y0:y1, x0:x1] = fill
+    return arr
+
+
+def stored_bits_only(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Clear the bits above BitsStored: retired overlay planes (60xx,0102) can live there."""
+    if arr.dtype.kind not in "iu" or not 0 < bits_stored < 8 * arr.itemsize:
+        return arr
+    if arr.dtype.kind == "u":
+        return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+    shift = 8 * arr.itemsize - bits_stored
+    return (arr << shift) >> shift  # drops the high bits and sign-extends the top stored bit
+
+
+def _burned_in_boxes(
+    ds: Dataset, path: Path, policy: str
+) -> list[tuple[int, int, int, int]] | None:
+    """The boxes to mask under `policy`, or raise when the file must be rejected."""
+    if policy not in BURNED_IN_POLICIES:
+        raise ValueError(f"burned_in must be one of {BURNED_IN_POLICIES}, got {policy!r}")
+    burned = burned_in_annotation(ds)
+    if policy == "keep" or (policy == "reject" and not burned):
         return None
-    return hashlib.sha256(f"{salt}\x00{text}".encode()).hexdigest()[:16]
-
-
-def resolve_patient_salt(explicit: str | None, state_dir: str | Path) -> str:
-    """explicit -> $MEDSSL_PATIENT_SALT -> state_dir/.patient_salt (random, made once, mode 0600).
-
-    One salt per output keeps a patient's images linked across resumed runs; a shared salt links
-    them across datasets. The salt never goes into records, configs or logs."""
-    path = Path(state_dir) / SALT_FILE
-    if explicit or os.environ.get(SALT_ENV) or path.exists():
-        return str(explicit or os.environ.get(SALT_ENV) or path.read_text().strip())
-    salt = secrets.token_hex(32)
-    tmp = path.with_name(path.name + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(salt + "\n")
-    os.replace(tmp, path)
-    logger.warning("no patient salt given: generated a random one in %s (mode 0600). Keep it "
-                   "private; pass the same salt (patient_salt=... or $%s) to link patients across "
-                   "datasets.", path, SALT_ENV)  # fmt: skip
-    return salt
+    if policy == "reject":
+        raise UnreadableImageError(
+            f"{path}: burned-in annotation (BurnedInAnnotation=YES); burned_in=mask or "
+            "burned_in=keep ingests it"
+        )
+    boxes = burned_in_regions(ds)
+    if burned and boxes is None:
+        raise UnreadableImageError(
+            f"{path}: burned-in annotation (BurnedInAnnotation=YES) and no deid rule names its "
+            "region for this device, so it cannot be masked"
+        )
+    return boxes
 
 
 def _code(ds: Dataset, keyword: str, default: str) -> str:
@@ -218,11 +257,16 @@ def _window(ds: Dataset, modality: str, ct_window_preset: str | None, use_tags: 
 def read_dicom(
     path: str | Path,
     *,
-    patient_salt: str | None = None,
+    site_key: SiteKey | None = None,
     ct_window_preset: str | None = "mediastinum",
     use_window_tags: bool = True,
+    burned_in: str = "reject",
 ) -> list[DecodedImage]:
-    """All frames of a DICOM file as stored values + whitelisted record (one sample per frame)."""
+    """All frames of a DICOM file as stored values + whitelisted record (one sample per frame).
+
+    site_key: makes the patient hash (None: no patient key). burned_in: what to do with text
+    burned into the pixels: `reject` files whose header says so, `keep` them, or `mask` the
+    regions deid's rules name (a flagged file with no named region is rejected)."""
     path = Path(path)
     with _quiet_pydicom() as caught:
         try:
@@ -246,19 +290,26 @@ def read_dicom(
         ):
             raise UnreadableImageError(f"{path}: DICOM object has no pixel data (not an image)")
         modality = _code(ds, "Modality", "OT")
+        boxes = _burned_in_boxes(ds, path, burned_in)
         try:
             n_frames = int(ds.get("NumberOfFrames") or 1)
             window = _window(ds, modality, ct_window_preset, use_window_tags)
             images: list[DecodedImage] = []
+            bits_stored = int(ds.get("BitsStored") or 0)
             for index, (raw, photometric) in enumerate(_iter_frames(ds)):
-                arr, fields = _frame_to_record_fields(ds, raw, photometric)
+                arr, fields = _frame_to_record_fields(
+                    ds, stored_bits_only(raw, bits_stored), photometric
+                )
+                if boxes:
+                    arr = _mask_boxes(arr, boxes, bool(fields.get("invert")))
+                    fields["burned_in_masked"] = True
                 window_fields = {} if arr.ndim == 3 else window
                 record = make_record(
                     np.ascontiguousarray(arr),
                     modality=modality,
                     index_in_source=index,
                     n_in_source=n_frames,
-                    patient=patient_key(ds.get("PatientID"), patient_salt),
+                    patient=site_key.patient(ds.get("PatientID")) if site_key else None,
                     **fields,
                     **window_fields,
                 )

@@ -14,10 +14,13 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from pretrain.privacy import SiteKey
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +151,17 @@ def read_raster(path: str | Path, *, modality: str = "OT") -> list[DecodedImage]
 def read_image_file(
     path: str | Path,
     *,
-    patient_salt: str | None = None,
+    site_key: SiteKey | None = None,
     modality: str = "OT",
     ct_window_preset: str | None = "mediastinum",
     use_window_tags: bool = True,
+    burned_in: str = "reject",
 ) -> list[DecodedImage]:
     """Read a DICOM or raster image file (all frames), choosing the decoder by content.
 
     modality: recorded for raster files, which carry none. ct_window_preset: window recorded for
     CT DICOMs without window tags (None: percentile stretch at float time). use_window_tags: record
-    DICOM WindowCenter/WindowWidth when present.
+    DICOM WindowCenter/WindowWidth when present. site_key, burned_in: see dicom.read_dicom.
     """
     path = Path(path)
     if not path.is_file():
@@ -170,9 +174,10 @@ def read_image_file(
 
         return read_dicom(
             path,
-            patient_salt=patient_salt,
+            site_key=site_key,
             ct_window_preset=ct_window_preset,
             use_window_tags=use_window_tags,
+            burned_in=burned_in,
         )
     if kind in RASTER_KINDS:
         return read_raster(path, modality=modality)
