@@ -10,6 +10,10 @@ Why epochs have a floor (`min_epoch_samples`): with 1 % of the labels an epoch i
 drawing at least that many samples per epoch gives small label sets enough optimizer steps.
 Each epoch's sampling and dropout use a generator seeded by (seed, epoch), so a resumed run draws
 exactly what the uninterrupted run would have drawn.
+
+A checkpoint that cannot be read or written stops the run with `FinetuneCheckpointError` naming
+the file and the reason (the CLI exits 2): a raw torch error would not say which of the many run
+directories holds the bad file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from tqdm import tqdm
 
 from eval.adapters import AdaptedModel
 from eval.metrics import point_metrics
+from eval.protocols.base import EvalError
+from pretrain.checkpoint import unreadable_reason
 from pretrain.optim import apply_lr_wd, check_param_groups, param_groups_lrd
 from pretrain.schedules import cosine_schedule
 
@@ -40,6 +46,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
+_CHECKPOINT_KEYS = (
+    "digest", "epoch", "trainable", "optimizer", "best_state", "best_score", "best_epoch", "bad",
+    "seconds", "history", "stopped",
+)  # fmt: skip
+
+
+class FinetuneCheckpointError(EvalError):
+    """A fine-tune checkpoint that cannot be read or written, named with the reason."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +161,46 @@ def _val_score(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
+    """Atomic write; a failure (disk full, permissions) names the file and leaves no temp file."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise FinetuneCheckpointError(f"{path}: cannot write checkpoint ({exc})") from exc
+
+
+def _load(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at `path`, or FinetuneCheckpointError naming it and why it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF/OS errors vary
+        raise FinetuneCheckpointError(
+            f"{path}: unreadable fine-tune checkpoint: {unreadable_reason(path, exc)}; "
+            "delete it to rerun this run from epoch 0"
+        ) from exc
+    if not isinstance(ckpt, dict):
+        raise FinetuneCheckpointError(
+            f"{path}: not a fine-tune checkpoint (holds a {type(ckpt).__name__}); "
+            "delete it to rerun this run from epoch 0"
+        )
+    return ckpt
+
+
+def _resume_from(ckpt: dict[str, Any], path: Path, model: AdaptedModel, optimizer) -> None:
+    """Load a same-settings checkpoint's weights; one that does not fit names the file."""
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    try:
+        if missing:
+            raise KeyError(f"lacks {missing}")
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise FinetuneCheckpointError(
+            f"{path}: fine-tune checkpoint does not fit this run ({exc}); "
+            "delete it to rerun this run from epoch 0"
+        ) from exc
 
 
 def _set_mode(model: AdaptedModel, full: bool) -> None:
@@ -194,10 +245,9 @@ def train_model(
     history: list[dict[str, float]] = []
     stopped = False
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = _load(ckpt_path, device)
         if ckpt.get("digest") == digest:
-            model.load_state_dict(ckpt["trainable"], strict=False)
-            optimizer.load_state_dict(ckpt["optimizer"])
+            _resume_from(ckpt, ckpt_path, model, optimizer)
             best_state, best_score = ckpt["best_state"], float(ckpt["best_score"])
             start_epoch, best_epoch, bad = int(ckpt["epoch"]), int(ckpt["best_epoch"]), ckpt["bad"]
             seconds, history, stopped = float(ckpt["seconds"]), ckpt["history"], ckpt["stopped"]

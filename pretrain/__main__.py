@@ -2,9 +2,11 @@
 
 Everything that can be checked before a (possibly 10-hour, 64-GPU) run starts is checked here:
 config keys and types, the method, the backbone, the dataset specs, the precision, so a typo costs
-seconds. Exit codes: 0 done, 2 refused before any work (bad config or data), 3 aborted because
-training diverged (non-finite steps), 1 any other failure, 130 interrupted.
-Running the same command again after a kill resumes from the newest checkpoint in output_dir.
+seconds. Exit codes: 0 done, 2 refused before any work (bad config or data, or checkpoints in
+output_dir of which none is readable), 3 aborted because training diverged (non-finite steps),
+1 any other failure, 130 interrupted.
+Running the same command again after a kill resumes from the newest readable checkpoint in
+output_dir; `train.resume=fresh` starts at step 0 on purpose when none is readable.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def validate(cfg: DictConfig) -> None:
     """Refuse configs that would fail later, naming the key (raises ConfigError); fills
     data.channels from model.in_chans when it is null."""
     from pretrain.backbones import BackboneError, resolve_backbone_config
+    from pretrain.checkpoint import RESUME_MODES
     from pretrain.data.specs import DatasetSpecError, parse_spec
     from pretrain.init_from import LAYOUT_CHOICES
     from pretrain.schedules import LR_SCALING_RULES
@@ -106,6 +109,8 @@ def validate(cfg: DictConfig) -> None:
         (int(cfg.data.batch_size) >= 1, "data.batch_size must be >= 1"),
         (int(cfg.data.num_workers) >= 0, "data.num_workers must be >= 0"),
         (int(cfg.train.checkpoint_every) >= 1, "train.checkpoint_every must be >= 1"),
+        (int(cfg.train.keep_last) >= 0, "train.keep_last must be >= 0 (0 keeps every checkpoint)"),
+        (str(cfg.train.resume) in RESUME_MODES, f"train.resume must be one of {RESUME_MODES}"),
         (len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]"),
         (
             str(cfg.train.device) in ("auto", "cpu", "cuda"),
@@ -185,11 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return EXIT_OK
 
+    from pretrain.checkpoint import ResumeRefused
     from pretrain.engine import TrainingDiverged
     from pretrain.train import run
 
     try:
         run(cfg)
+    except ResumeRefused as exc:  # nothing trained, no checkpoint touched
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except TrainingDiverged as exc:
         logger.error("training diverged: %s", exc)
         return EXIT_DIVERGED

@@ -1,5 +1,10 @@
 """Training checkpoints: atomic writes, last-K retention, newest-first resume, RNG capture.
 
+A run is never silently lost: when checkpoints exist but none can be read, resuming refuses
+(`ResumeRefused`, exit 2) instead of starting at step 0, naming each file and why;
+`train.resume=fresh` then starts over on purpose, moving the unreadable files to
+output_dir/unreadable/. Pruning only ever removes checkpoints older than the one just written.
+
 A checkpoint is a plain dict of tensors and builtin containers so that `torch.load(...,
 weights_only=True)` reads it: no pickled classes, numpy arrays or config objects. It also carries
 `backbone_state` + `backbone_config` (the layout `pretrain.backbones.load_backbone` reads), sharing
@@ -11,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +40,28 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+UNREADABLE_DIR = "unreadable"  # output_dir/unreadable: where train.resume=fresh moves bad files
+RESUME_MODES = ("auto", "fresh")
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (unreadable, wrong format, other method)."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """One checkpoint file that weights_only loading cannot use, with a short human reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+class ResumeRefused(CheckpointError):
+    """Checkpoints exist that this run cannot continue from. Refused before any work (exit 2):
+    starting at step 0 instead would let keep_last prune the run's history away."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -80,7 +104,10 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep
     except OSError:
         pass
     if keep_last > 0:
-        for _, old in list_checkpoints(d)[:-keep_last]:
+        # Only checkpoints older than this one compete for the keep_last - 1 other places: newer
+        # files (unreadable leftovers a resume skipped) must never push the new one out.
+        older = [old for s, old in list_checkpoints(d) if s < step]
+        for old in older[: max(len(older) - (keep_last - 1), 0)]:
             old.unlink(missing_ok=True)
     for stale in d.glob(".ckpt-*.pt.tmp"):
         if stale != tmp:
@@ -88,24 +115,139 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep
     return path
 
 
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """The informative line of a torch.load error (weights_only ones are paragraphs long)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.split(". ", 1)[0] or type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def unreadable_reason(path: str | Path, exc: BaseException) -> str:
+    """Why `path` did not load, from its bytes as well as the error: "truncated", "empty file",
+    "not a PyTorch checkpoint" tell an operator what happened (full disk, bad copy, wrong file)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as err:
+        return f"cannot be read ({err})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if head == _ZIP_MAGIC:
+        if not is_zip:
+            return f"truncated ({size} bytes; the zip archive has no end record)"
+        if isinstance(exc, pickle.UnpicklingError):
+            return f"holds objects weights_only loading refuses ({size} bytes): {_short(exc)}"
+        return f"damaged zip archive ({size} bytes): {_short(exc)}"
+    if isinstance(exc, EOFError):
+        return f"truncated ({size} bytes; ended early)"
+    return f"not a PyTorch checkpoint ({size} bytes, starts with {head!r}): {_short(exc)}"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's state, or UnreadableCheckpoint naming the file and the reason."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip/pickle/EOF errors vary
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+    except Exception as exc:  # zip/pickle/EOF/OS errors vary
+        raise UnreadableCheckpoint(path, unreadable_reason(path, exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a medssl training checkpoint (format {FORMAT_VERSION})")
+        raise UnreadableCheckpoint(
+            path, f"not a medssl training checkpoint (no format {FORMAT_VERSION} dict)"
+        )
     return state
+
+
+def scan_newest(
+    ckpt_dir: str | Path,
+) -> tuple[tuple[Path, dict[str, Any]] | None, list[UnreadableCheckpoint]]:
+    """(newest readable checkpoint or None, the unreadable ones newer than it), read newest first
+    and stopping at the first readable one: older files are never loaded (each can be GBs)."""
+    bad: list[UnreadableCheckpoint] = []
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return (path, load_checkpoint(path)), bad
+        except UnreadableCheckpoint as exc:
+            bad.append(exc)
+    return None, bad
 
 
 def load_newest(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint; a corrupt one (disk full, bad copy) is logged and skipped."""
-    for step, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as exc:
-            logger.error("skipping checkpoint at step %d: %s", step, exc)
-    return None
+    found, bad = scan_newest(ckpt_dir)
+    for exc in bad:
+        logger.warning("skipping unreadable checkpoint %s", exc)
+    return found
+
+
+def _move_aside(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` under a name no earlier move used (never overwrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 0
+    while target.exists():
+        n += 1
+        target = folder / f"{path.name}.{n}"
+    shutil.move(str(path), str(target))
+    return target
+
+
+def choose_resume(
+    ckpt_dir: str | Path, mode: str, method: str
+) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0: the checkpoint this run continues from (None: step 0), or ResumeRefused.
+
+    auto: the newest readable checkpoint (newer unreadable ones are skipped with a warning);
+    refused when checkpoints exist but none is readable, or the newest is another method's.
+    fresh: the same while a readable checkpoint exists (so a requeued `fresh` command resumes its
+    own progress and never discards a run); when none is readable, the files are moved to
+    output_dir/unreadable/ (out of reach of pruning and later resumes) and the run starts at 0.
+    """
+    if mode not in RESUME_MODES:
+        raise ResumeRefused(f"train.resume must be one of {RESUME_MODES}, got {mode!r}")
+    d = Path(ckpt_dir)
+    aside = d.parent / UNREADABLE_DIR
+    found, bad = scan_newest(d)
+    if found is None:
+        if not bad:
+            return None
+        if mode == "fresh":
+            for exc in bad:
+                target = _move_aside(exc.path, aside)
+                logger.warning(
+                    "train.resume=fresh: moved unreadable checkpoint %s (%s) to %s",
+                    exc.path.name, exc.reason, target,
+                )  # fmt: skip
+            logger.warning("train.resume=fresh: no readable checkpoint; starting at step 0")
+            return None
+        listing = "".join(f"\n  {exc.path.name}: {exc.reason}" for exc in bad)
+        raise ResumeRefused(
+            f"{d}: {len(bad)} checkpoint(s) and none is readable, so the run cannot resume; "
+            f"refusing to start over at step 0:{listing}\n"
+            f"Restore a good copy, or rerun with train.resume=fresh to move them to {aside} and "
+            "start at step 0."
+        )
+    path, state = found
+    for exc in bad:
+        logger.warning(
+            "skipping unreadable checkpoint %s: %s; resuming from the older %s",
+            exc.path.name, exc.reason, path.name,
+        )  # fmt: skip
+    if state.get("method") != method:
+        raise ResumeRefused(
+            f"{path} was written by method {state.get('method')!r}, not {method!r}: "
+            "use another output_dir for another method"
+        )
+    if mode == "fresh":
+        logger.info(
+            "train.resume=fresh: %s is readable, so the run continues from it "
+            "(a new run from step 0 needs another output_dir)", path.name,
+        )  # fmt: skip
+    return found
 
 
 # ---- RNG states as weights_only-loadable containers -------------------------------------------
@@ -181,6 +323,32 @@ def gather_rng(state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: `path` (None: step 0) on every rank, its state on rank 0 (read once)."""
+
+    path: str | None
+    state: dict[str, Any] | None = None
+
+
+def plan_resume(cfg: DictConfig, is_main: bool) -> ResumePoint:
+    """Rank 0 chooses (`choose_resume`), every rank learns the choice; a refusal is raised on
+    every rank, so a multi-process run stops together instead of hanging at a collective."""
+    ckpt_dir = Path(cfg.output_dir) / CHECKPOINT_DIR
+    found, error = None, None
+    if is_main:
+        try:
+            found = choose_resume(ckpt_dir, str(cfg.train.resume), str(cfg.method))
+        except ResumeRefused as exc:
+            error = str(exc)
+    shared = [str(found[0]) if found else None, error]
+    if du.is_dist():
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise ResumeRefused(shared[1])
+    return ResumePoint(shared[0], found[1] if found else None)
 
 
 def _prefix_of(root: torch.nn.Module, target: torch.nn.Module) -> str:
@@ -277,19 +445,17 @@ class RunCheckpointer:
         self.last_saved = step
         du.barrier()
 
-    def resume(self) -> tuple[int, int, dict[str, Any] | None]:
-        """Load the newest checkpoint into the engine; (epoch, batch_in_epoch, this rank's RNG)."""
+    def resume(self, start: ResumePoint) -> tuple[int, int, dict[str, Any] | None]:
+        """Load `start` (see `plan_resume`) into the engine; (epoch, batch_in_epoch, this rank's
+        RNG), or (0, 0, None) when the run starts at step 0."""
         engine = self.engine
-        found = load_newest(self.ckpt_dir) if self.is_main else None
-        path = [str(found[0]) if found else None]
-        if du.is_dist():
-            dist.broadcast_object_list(path, src=0)
-        if path[0] is None:
+        if start.path is None:
             return 0, 0, None
-        ckpt = found[1] if found else load_checkpoint(path[0])
+        path = start.path
+        ckpt = start.state if start.state is not None else load_checkpoint(start.path)
         if ckpt["method"] != str(self.cfg.method):
             raise CheckpointError(
-                f"{path[0]} was written by method {ckpt['method']!r}, not {self.cfg.method!r}"
+                f"{path} was written by method {ckpt['method']!r}, not {self.cfg.method!r}"
             )
         engine.load_state_dicts(ckpt["model"], ckpt["optimizer"])
         engine.scaler.load_state_dict(ckpt["scaler"])
@@ -314,7 +480,7 @@ class RunCheckpointer:
         for key, (old, new) in _config_changes(ckpt.get("config", {}), plain(self.cfg)).items():
             logger.warning("config changed since the checkpoint: %s: %r -> %r", key, old, new)
         logger.info(
-            "resumed from %s at step %d (epoch %d, batch %d)", path[0], engine.step, epoch, batch
+            "resumed from %s at step %d (epoch %d, batch %d)", path, engine.step, epoch, batch
         )
         self.last_saved = engine.step
         return epoch, batch, rng

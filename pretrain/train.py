@@ -1,7 +1,8 @@
 """The pretraining loop every method runs on: read top to bottom, it is the whole procedure.
 
 run(cfg): processes join -> output_dir/config.yaml -> Engine (method, optimizer, schedules) ->
-[max_steps=0: export the initialised backbone, stop] -> resume from the newest checkpoint ->
+[max_steps=0: export the initialised backbone, stop] -> resume from the newest readable
+checkpoint (refused when checkpoints exist but none is readable; train.resume=fresh) ->
 for each epoch: a loader positioned at the first unseen batch -> train_step, metrics, collapse
 and k-NN monitors, checkpoint + export every `checkpoint_every` steps -> final checkpoint,
 export, curves.
@@ -30,12 +31,11 @@ from tqdm import tqdm
 
 from pretrain import distributed as du
 from pretrain.checkpoint import (
-    CHECKPOINT_DIR,
     EXPORT_DIR,
-    CheckpointError,
+    ResumePoint,
     RunCheckpointer,
-    list_checkpoints,
     plain,
+    plan_resume,
     preserve_rng,
     restore_rng,
 )
@@ -180,9 +180,11 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
             f"{spec}: {n_samples} samples per epoch, fewer than one global batch ({global_batch})"
         )
     steps_per_epoch = n_samples // global_batch
-    # A run resumed from its own checkpoint continues from it: init.from is applied only once
-    # (max_steps=0 resumes nothing: it exports the initialisation, init.from included).
-    has_checkpoint = int(cfg.optim.max_steps) != 0 and bool(list_checkpoints(out / CHECKPOINT_DIR))
+    # Decided before the engine exists: a run resumed from its own checkpoint continues from it,
+    # so init.from is applied only once (max_steps=0 resumes nothing: it exports the
+    # initialisation, init.from included). Unreadable checkpoints stop the run here (exit 2).
+    start = plan_resume(cfg, env.is_main) if int(cfg.optim.max_steps) != 0 else ResumePoint(None)
+    has_checkpoint = start.path is not None
     if has_checkpoint and cfg.init["from"] is not None:
         logger.info("init.from not re-applied: resuming from this run's checkpoints")
     engine = Engine(
@@ -205,12 +207,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
         logger.info("max_steps=0: exported the initialised backbone to %s", out / EXPORT_DIR)
         return out
 
-    epoch, batch_in_epoch, rng = outputs.resume()
-    if has_checkpoint and outputs.last_saved < 0 and cfg.init["from"] is not None:
-        raise CheckpointError(
-            f"{out / CHECKPOINT_DIR}: checkpoints exist but none is readable, and init.from was "
-            "not applied; remove them to start again from init.from"
-        )
+    epoch, batch_in_epoch, rng = outputs.resume(start)
     if rng is None:
         du.seed_everything(du.rank_seed(int(cfg.train.seed) + engine.step, env.rank))
     transform = engine.method.build_transform()

@@ -30,7 +30,14 @@ from torch import nn
 from pretrain import distributed as du
 from pretrain.__main__ import EXIT_DIVERGED, EXIT_REFUSED, compose_config, main, validate
 from pretrain.backbones import build_backbone, load_backbone
-from pretrain.checkpoint import list_checkpoints, load_checkpoint, load_newest, save_checkpoint
+from pretrain.checkpoint import (
+    ResumeRefused,
+    choose_resume,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest,
+    save_checkpoint,
+)
 from pretrain.engine import Engine
 from pretrain.methods import SSLMethod, StepState, build_method, register_method
 from pretrain.monitor import CollapseMonitor, collapse_stats, entropy_stats, knn_top1, read_metrics
@@ -486,6 +493,99 @@ def test_checkpoints_are_atomic_keep_last_k_and_skip_corrupt_ones(tmp_path):
     path, state = load_newest(d)
     assert state["step"] == 4 and path.name == "ckpt-00000004.pt"
     assert load_checkpoint(path)["rng"][0][1] == (1, 2)
+
+
+# ---- runs that cannot be lost: unreadable checkpoints --------------------------------------------
+
+
+def _unreadable_checkpoints(ckpt_dir: Path, scratch: Path) -> dict[str, bytes]:
+    """Three unreadable checkpoints newer than anything a 4-step run writes (the reviewer's case):
+    garbage bytes, a truncated real checkpoint, an empty file. Returns name -> bytes written."""
+    save_checkpoint({"format": 1, "step": 7, "w": torch.randn(4096)}, scratch, 7, keep_last=0)
+    whole = (scratch / "ckpt-00000007.pt").read_bytes()
+    files = {
+        "ckpt-00000050.pt": b"\x00 this is not a checkpoint " * 64,
+        "ckpt-00000060.pt": whole[: len(whole) // 2],
+        "ckpt-00000070.pt": b"",
+    }
+    ckpt_dir.mkdir(parents=True)
+    for name, data in files.items():
+        (ckpt_dir / name).write_bytes(data)
+    return files
+
+
+def test_no_readable_checkpoint_refuses_with_exit_2_and_fresh_starts_over(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    files = _unreadable_checkpoints(out / "checkpoints", tmp_path / "scratch")
+    args = overrides(tiny_npz, out, **{"train.keep_last": 3})
+    refused = _cli(args)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    for name in files:
+        assert name in refused.stderr
+    assert "ckpt-00000060.pt: truncated" in refused.stderr
+    assert "ckpt-00000070.pt: empty file" in refused.stderr
+    assert "ckpt-00000050.pt: not a PyTorch checkpoint" in refused.stderr
+    assert "train.resume=fresh" in refused.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(files)
+    for name, data in files.items():
+        assert (out / "checkpoints" / name).read_bytes() == data, name
+    assert not (out / "export").exists()  # nothing trained
+
+    assert main([*args, "train.resume=fresh"]) == 0
+    assert [s for s, _, _ in EngineTestMethod.trace] == [0, 1, 2, 3]  # started at step 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    for name, data in files.items():  # moved aside intact, out of reach of pruning
+        assert (out / "unreadable" / name).read_bytes() == data, name
+    EngineTestMethod.trace = []
+    assert main([*args, "train.resume=fresh"]) == 0  # the same command again (a requeue)
+    assert EngineTestMethod.trace == []  # resumed at step 4 of 4: its progress was kept
+
+
+def test_resume_skips_newer_unreadable_checkpoint_and_pruning_keeps_the_new_one(
+    tiny_npz, tmp_path, caplog
+):
+    out, extra = tmp_path / "run", {"train.keep_last": 1}
+    run(config(tiny_npz, out, **{"train.keep_last": 3}))
+    ckpt = out / "checkpoints"
+    (ckpt / "ckpt-00000004.pt").unlink()
+    garbage = b"half a copy"
+    (ckpt / "ckpt-00000006.pt").write_bytes(garbage)
+    EngineTestMethod.trace = []
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        run(config(tiny_npz, out, **extra))
+    assert [s for s, _, _ in EngineTestMethod.trace] == [2, 3]  # resumed from ckpt-2
+    assert any("ckpt-00000006.pt" in r.getMessage() for r in caplog.records)
+    assert [s for s, _ in list_checkpoints(ckpt)] == [4, 6]  # keep_last=1 kept the new one
+    assert load_checkpoint(ckpt / "ckpt-00000004.pt")["step"] == 4
+    assert (ckpt / "ckpt-00000006.pt").read_bytes() == garbage
+
+
+def test_pruning_only_removes_checkpoints_older_than_the_one_written(tmp_path):
+    d = tmp_path / "ck"
+    files = _unreadable_checkpoints(d, tmp_path / "scratch")
+    for step in (2, 4):
+        save_checkpoint({"format": 1, "step": step}, d, step, keep_last=3)
+    assert [s for s, _ in list_checkpoints(d)] == [2, 4, 50, 60, 70]
+    save_checkpoint({"format": 1, "step": 6}, d, 6, keep_last=2)
+    assert [s for s, _ in list_checkpoints(d)] == [4, 6, 50, 60, 70]
+    save_checkpoint({"format": 1, "step": 8}, d, 8, keep_last=1)
+    assert [s for s, _ in list_checkpoints(d)] == [8, 50, 60, 70]
+    for name, data in files.items():
+        assert (d / name).read_bytes() == data
+    path, state = load_newest(d)
+    assert path.name == "ckpt-00000008.pt" and state["step"] == 8
+
+
+def test_resume_refuses_another_methods_checkpoint_and_unknown_modes(tiny_npz, tmp_path, capsys):
+    d = tmp_path / "run" / "checkpoints"
+    save_checkpoint({"format": 1, "step": 3, "method": "mae"}, d, 3, keep_last=0)
+    with pytest.raises(ResumeRefused, match="ckpt-00000003.pt was written by method 'mae'"):
+        choose_resume(d, "fresh", "engine_test")
+    assert choose_resume(d, "auto", "mae")[1]["step"] == 3
+    assert main(overrides(tiny_npz, tmp_path / "x", **{"train.resume": "never"})) == 2
+    assert "train.resume must be one of" in capsys.readouterr().err
 
 
 def test_distributed_environment_detection(monkeypatch):

@@ -21,7 +21,13 @@ from eval.adapters import (
     merged_backbone,
     save_adapter,
 )
-from eval.finetune_loop import CHECKPOINT, ImageRows, TrainSettings, train_model
+from eval.finetune_loop import (
+    CHECKPOINT,
+    FinetuneCheckpointError,
+    ImageRows,
+    TrainSettings,
+    train_model,
+)
 from pretrain.backbones import build_backbone, export_backbone, load_backbone
 from pretrain.transforms import eval_transform
 
@@ -211,6 +217,25 @@ def test_training_resumes_exactly_after_an_interruption(
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for name, value in straight.trainable_state().items():
         assert torch.equal(resumed_model.trainable_state()[name], value), name
+
+
+def test_unreadable_or_unwritable_checkpoint_names_the_file(backbone, medssl_data, tmp_path):
+    npz = medssl_data / "breastmnist.npz"
+    train, val = _rows(npz, "train", 4), _rows(npz, "val", 4)
+    settings = TrainSettings(lr=1e-3, epochs=1, batch_size=4, min_epoch_samples=4)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / CHECKPOINT).write_bytes(b"")  # a kill on a full disk
+    with pytest.raises(FinetuneCheckpointError, match=r"corrupt/checkpoint\.pt: .*empty file"):
+        train_model(_adapted(backbone, "lora"), train, val, settings, multilabel=False,
+                    run_dir=corrupt, digest="d")  # fmt: skip
+    assert (corrupt / CHECKPOINT).read_bytes() == b""  # left for the operator to look at
+    blocked = tmp_path / "blocked"
+    (blocked / CHECKPOINT).mkdir(parents=True)  # the checkpoint cannot be written there
+    with pytest.raises(FinetuneCheckpointError, match=r"blocked/checkpoint\.pt: cannot write"):
+        train_model(_adapted(backbone, "lora"), train, val, settings, multilabel=False,
+                    run_dir=blocked, digest="d")  # fmt: skip
+    assert [p.name for p in blocked.iterdir()] == [CHECKPOINT]  # no temporary file left
 
 
 def test_finetune_layer_decay_and_bf16_step(backbone, medssl_data, tmp_path):
