@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     module_name, help_text = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"python -m curation {argv[0]}", description=help_text,
-                                     fromfile_prefix_chars="@")  # launch's private argument files
+    parser = argparse.ArgumentParser(
+        prog=f"python -m curation {argv[0]}", description=help_text, fromfile_prefix_chars="@"
+    )  # launch's private argument files
     module.add_arguments(parser)
     args = parser.parse_intermixed_args(argv[1:])  # `SRC --out D key=value` in any order
     if not logging.getLogger().handlers:

@@ -4,11 +4,11 @@ One independent job per group of shards (`embed_group`), so a SLURM array can ru
 parallel (`python -m curation run ... embed.groups=N --step embed --group $SLURM_ARRAY_TASK_ID`);
 `merge` then concatenates the groups into one memory-mapped array. Group G of N is a pure function
 of the sorted shard list (contiguous chunks), so a requeued task redoes exactly its own group.
-Every group and the merged result record the fingerprint of what they hold (settings + shards):
-a re-run with other settings re-embeds instead of reusing stale vectors, without deleting what a
-concurrent task of the same array is writing. A group is written to a temporary directory and
-renamed when complete, so a killed job leaves nothing half-written and a re-run embeds only the
-groups that are missing.
+Every group and the merged result record the fingerprint of what they hold (settings + the paths
+and sha256 of its shards): a re-run with other settings or data re-embeds instead of reusing stale
+vectors, without deleting what a concurrent task of the same array is writing. A group is written
+to a temporary directory and renamed when complete, so a killed job leaves nothing half-written
+and a re-run embeds only the groups that are missing.
 
 Encoders: `descriptor` (training-free, `curation.descriptor.global_descriptor`), a medssl export or
 checkpoint (`pretrain.backbones.load_backbone`), or `timm:<name>` with a weights file.
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from curation.descriptor import THUMB, global_descriptor, thumbnail
+from curation.steps import ContentHashes, fingerprint
 from pretrain.data.datasets import ShardDataset, open_dataset, to_tensor_image
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.shards import pixel_sha256
@@ -353,13 +354,16 @@ def load_embedded(out: Path) -> Embedded:
 
 def embed_dataset(spec: str, out: Path, encoder: Encoder | None, cfg: Any, *, progress: bool = True,
                   n_groups: int | None = None, only_group: int | None = None, merge_only: bool = False,
-                  settings: Any = None) -> Embedded | None:  # fmt: skip
+                  settings: Any = None, hashes: ContentHashes | None = None) -> Embedded | None:  # fmt: skip
     """Embed every group of `spec` (or just `only_group`) and merge; None when only one group ran.
 
     `merge_only`: embed nothing, merge the groups that array tasks wrote (refusing when some are
-    missing). `settings`: what else decides the vectors (encoder settings), for the fingerprints."""
+    missing). `settings`: what else decides the vectors (encoder settings), for the fingerprints;
+    `hashes`: the run's file hashes, so a group is keyed on its shards' content."""
     groups = dataset_groups(spec, cfg.shards_per_job, n_groups)
-    fps = [fingerprint_of(settings, g) for g in groups]
+    fps = [fingerprint_of(settings, g, hashes=hashes) for g in groups]
+    if hashes is not None:
+        hashes.save()
     if only_group is not None and not 0 <= only_group < len(groups):
         raise EmbedError(f"--group {only_group} outside 0..{len(groups) - 1} for {spec}")
     todo = [] if merge_only else range(len(groups)) if only_group is None else [only_group]
@@ -372,10 +376,9 @@ def embed_dataset(spec: str, out: Path, encoder: Encoder | None, cfg: Any, *, pr
     return merge(out, fps)
 
 
-def fingerprint_of(*parts: Any) -> str:
-    """Short hash of settings and data: a DatasetSpec counts by its files' paths, sizes and
-    modification times, so shards written again under the same names are embedded again."""
-    import hashlib
+def fingerprint_of(*parts: Any, hashes: ContentHashes | None = None) -> str:
+    """Short hash of settings and data: a DatasetSpec counts by its files' paths (its records
+    name them) and sha256 (`hashes`), else by their paths, sizes and modification times."""
 
     def stat(path: Path) -> list:
         st = path.stat()
@@ -384,8 +387,11 @@ def fingerprint_of(*parts: Any) -> str:
     def plain(x: Any) -> Any:
         if isinstance(x, DatasetSpec):
             files = x.shards if x.kind == "shards" else (x.path,)
+            if hashes is not None:
+                if x.kind == "folder":
+                    return [x.kind, str(x.path), hashes.dataset(str(x.path))]
+                return [x.kind, x.split, [[str(f), hashes.file(f)] for f in files]]
             return [x.kind, x.split, [stat(Path(f)) for f in files]]
         return x
 
-    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint(*[plain(p) for p in parts])

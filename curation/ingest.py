@@ -146,7 +146,9 @@ def _files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
                 path.stat()
             except OSError as exc:
                 loop = exc.errno == errno.ELOOP
-                found.append((path, "symbolic link loop" if loop else f"cannot open: {exc.strerror}"))
+                found.append(
+                    (path, "symbolic link loop" if loop else f"cannot open: {exc.strerror}")
+                )
                 continue
             found.append((path, "" if path.is_file() else "not a regular file"))
     return sorted((f"{root.name}/{p.relative_to(root).as_posix()}", p, why) for p, why in found)
@@ -365,7 +367,9 @@ def _write_private_map(cfg: DictConfig, units: list[Unit], naming: Naming) -> Pa
     """OUT/private/sources.jsonl (mode 0600): the one place where pseudonyms meet paths."""
     folder = Path(cfg.private_dir) if cfg.private_dir else Path(cfg.out) / "private"
     roots = [{"src": naming.key(src), "path": src} for src in cfg.src]
-    inputs = {u.base: {"input": naming.key(u.base), "source": u.base, "path": u.path} for u in units}
+    inputs = {
+        u.base: {"input": naming.key(u.base), "source": u.base, "path": u.path} for u in units
+    }
     path = folder / "sources.jsonl"
     private_jsonl(path, [*roots, *inputs.values()])
     return path

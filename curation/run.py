@@ -43,8 +43,9 @@ from curation.embed import (
 from curation.hkmeans import auto_clusters, balanced_sample, hierarchical_kmeans
 from curation.index import normalize_rows
 from curation.retrieve import retrieve
-from curation.steps import Steps, Timer, fingerprint
+from curation.steps import Steps, StopAfter, Timer
 from curation.writer import write_curated
+from pretrain.backbones import META_FILENAME, WEIGHTS_FILENAME, find_export
 from pretrain.config import ConfigError, load_config, save_config, split_overrides
 from pretrain.data.specs import DatasetSpecError
 
@@ -83,42 +84,66 @@ def _bootstrap(cfg: DictConfig, out: Path, *, may_train: bool = True) -> str:
 EMBED_KEYS = ("backbone", "weights", "img_size", "channels", "window")
 
 
+def _encoder_content(embed_cfg: DictConfig, steps: Steps) -> list[list[str]]:
+    """sha256 of the weights the encoder loads, so retrained weights under one path re-embed."""
+    backbone = str(embed_cfg.backbone)
+    if backbone == "descriptor":
+        return []
+    if backbone.startswith("timm:"):
+        return steps.hashes.files([Path(embed_cfg.weights)]) if embed_cfg.weights else []
+    try:
+        target = find_export(Path(backbone))
+    except FileNotFoundError as exc:
+        raise EmbedError(f"embed.backbone={backbone}: {exc}") from exc
+    files = (
+        [target, target.with_name(WEIGHTS_FILENAME)] if target.name == META_FILENAME else [target]
+    )
+    return steps.hashes.files([f for f in files if f.is_file()])
+
+
 def _embed_all(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None = None,
-               merge_only: bool = False) -> tuple | None:  # fmt: skip
+               merge_only: bool = False) -> tuple[Embedded, list[Embedded], list[Embedded], dict] | None:  # fmt: skip
     """Step a for the pool, the seeds and the eval sets; None after a single group job.
 
     `only_group`: embed that pool group only (one array task). `merge_only`: embed no pool group,
     merge those the array wrote (refused, naming them, when some are missing); the seeds and eval
-    sets, small next to the pool, are embedded here."""
+    sets, small next to the pool, are embedded here. Returns the embeddings and the encoder
+    settings (what later steps read of the pool: its embeddings alone, so adding a seed or eval
+    set recomputes neither exact nor near duplicates). Every group is keyed on the content of its
+    shards (embed.py), so this always calls embed_dataset: what is unchanged is read back."""
     embed_cfg = cfg.embed.copy()
     if cfg.bootstrap.enabled:
         embed_cfg.backbone = _bootstrap(cfg, out, may_train=only_group is None and not merge_only)
-    settings = {k: embed_cfg[k] for k in EMBED_KEYS}
+    settings = {
+        **{k: embed_cfg[k] for k in EMBED_KEYS},
+        "weights_sha256": _encoder_content(embed_cfg, steps),
+    }
     n_groups = None if embed_cfg.groups is None else int(embed_cfg.groups)
-    fp = fingerprint(settings, str(cfg.pool), embed_cfg.shards_per_job, n_groups,
-                     [str(s) for s in cfg.seeds], [str(s) for s in cfg.eval_sets])  # fmt: skip
-    cached = steps.load("embed", fp) if only_group is None else None
     with Timer() as t:
         encoder = make_encoder(embed_cfg)
-        progress = bool(cfg.progress)
+        progress, hashes = bool(cfg.progress), steps.hashes
         pool = embed_dataset(str(cfg.pool), out / "embed" / "pool", encoder, embed_cfg, progress=progress,
-                             n_groups=n_groups, only_group=only_group, merge_only=merge_only, settings=settings)  # fmt: skip
+                             n_groups=n_groups, only_group=only_group, merge_only=merge_only, settings=settings,
+                             hashes=hashes)  # fmt: skip
         if pool is None:
             return None
         seeds = [embed_dataset(str(s), out / "embed" / f"seeds-{i}", encoder, embed_cfg, progress=progress,
-                               settings=settings) for i, s in enumerate(cfg.seeds)]  # fmt: skip
+                               settings=settings, hashes=hashes) for i, s in enumerate(cfg.seeds)]  # fmt: skip
         evals = [embed_dataset(str(s), out / "embed" / f"eval-{i}", encoder, embed_cfg, progress=progress,
-                               settings=settings) for i, s in enumerate(cfg.eval_sets)]  # fmt: skip
-    if cached is None:
+                               settings=settings, hashes=hashes) for i, s in enumerate(cfg.eval_sets)]  # fmt: skip
+
+    def summary() -> tuple[dict, None, None]:
         groups = len(dataset_groups(str(cfg.pool), embed_cfg.shards_per_job, n_groups))
-        summary = {"in": len(pool), "out": len(pool), "seconds": t.seconds, "encoder": encoder.name,
-                   "dim": int(pool.embeddings.shape[1]), "groups": groups,
-                   "seeds": [len(s) for s in seeds], "eval_sets": [len(e) for e in evals],
-                   "images_per_second": None if merge_only else round(len(pool) / max(t.seconds, 1e-9), 1),
-                   "pool_groups_from": "array tasks (--step embed --group G)" if merge_only else "this run"}  # fmt: skip
-        steps.save("embed", fp, summary)
-    pool_fp = fingerprint(settings, str(cfg.pool), embed_cfg.shards_per_job, n_groups)
-    return pool, seeds, evals, pool_fp  # later steps: seeds/evals join there
+        return {"in": len(pool), "out": len(pool), "seconds": t.seconds, "encoder": encoder.name,
+                "dim": int(pool.embeddings.shape[1]), "groups": groups,
+                "seeds": [len(s) for s in seeds], "eval_sets": [len(e) for e in evals],
+                "images_per_second": None if merge_only else round(len(pool) / max(t.seconds, 1e-9), 1),
+                "pool_groups_from": "array tasks (--step embed --group G)" if merge_only else "this run"}, None, None  # fmt: skip
+
+    steps.run("embed", summary, settings={"embed": settings, "shards_per_job": embed_cfg.shards_per_job,
+                                          "groups": n_groups},
+              datasets={"pool": cfg.pool, "seeds": list(cfg.seeds), "eval sets": list(cfg.eval_sets)})  # fmt: skip
+    return pool, seeds, evals, settings
 
 
 def run_pipeline(cfg: DictConfig, *, only_group: int | None = None, stop_after: str | None = None,
@@ -130,119 +155,105 @@ def run_pipeline(cfg: DictConfig, *, only_group: int | None = None, stop_after: 
     out = Path(cfg.output_dir)
     if only_group is None:  # array tasks run at once: the global job writes the config
         save_config(cfg, out)
-    steps = Steps(out)
+    steps = Steps(out, stop_after=stop_after)
+    try:
+        return _run_steps(cfg, out, steps, only_group=only_group, after_embed=after_embed)
+    except StopAfter:
+        return {}
+    finally:
+        steps.hashes.save()
+
+
+def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None,
+               after_embed: bool) -> dict:  # fmt: skip
     embedded = _embed_all(cfg, out, steps, only_group=only_group, merge_only=after_embed)
     if embedded is None:
         return {}
-    pool, seeds, evals, fp_prev = embedded
-    if stop_after == "embed":
-        return {}
+    pool, seeds, evals, embed_settings = embedded
     keys = np.array([r["key"] for r in pool.records], dtype=object)
     pixels = np.array([(r.get("height") or 0) * (r.get("width") or 0) for r in pool.records])
     rank = keeper_rank(keys, pixels)
     n, index_cfg = len(pool), _index_cfg(cfg)
     results: dict = {"pool": pool, "seeds": seeds, "evals": evals}
 
-    # b. exact duplicates
-    fp_prev = fingerprint(fp_prev, cfg.dedup.exact)
-    if (got := steps.load("exact", fp_prev)) is None:
-        with Timer() as t:
-            keep, groups = exact_duplicates(np.array([r["sha256"] for r in pool.records]), rank) if cfg.dedup.exact \
-                else (np.ones(n, bool), [])  # fmt: skip
-        steps.save("exact", fp_prev, {"in": n, "out": int(keep.sum()), "groups": len(groups), "seconds": t.seconds},
-                   data={"groups": [g.tolist() for g in groups]}, arrays={"keep": keep})  # fmt: skip
-        got = steps.load("exact", fp_prev)
+    def exact() -> tuple[dict, dict, dict]:  # b. exact duplicates
+        keep, groups = exact_duplicates(np.array([r["sha256"] for r in pool.records]), rank) if cfg.dedup.exact \
+            else (np.ones(n, bool), [])  # fmt: skip
+        return ({"in": n, "out": int(keep.sum()), "groups": len(groups)},
+                {"groups": [g.tolist() for g in groups]}, {"keep": keep})  # fmt: skip
+
+    got = steps.run("exact", exact, settings={"embed": embed_settings, "dedup.exact": cfg.dedup.exact},
+                    datasets={"pool": cfg.pool})  # fmt: skip
     keep_exact = got[1]["keep"]
     results["exact_groups"] = got[0]["data"]["groups"]
-    if stop_after == "exact":
-        return {}
 
-    # c. near duplicates
-    d = cfg.dedup
-    fp_prev = fingerprint(fp_prev, d, cfg.index)
-    if (got := steps.load("near", fp_prev)) is None:
+    def near() -> tuple[dict, dict, dict]:  # c. near duplicates
+        d = cfg.dedup
         active = np.nonzero(keep_exact)[0]
-        with Timer() as t:
-            if d.near and len(active) > 1:
-                pairs = copy_pairs(np.asarray(pool.thumbs[active]), None, d, index_cfg, res_q=short_side(pool)[active],
-                                   progress=cfg.progress)  # fmt: skip
-                a, b = active[pairs.a], active[pairs.b]
-                ncc, local, view = pairs.ncc, pairs.local, pairs.view
-            else:
-                a = b = np.zeros(0, np.int64)
-                ncc = local = view = np.zeros(0, np.float32)
-            edge = (ncc >= d.threshold) & (local >= d.local_threshold)
-            keep_c, groups = components(n, a[edge], b[edge], rank)
-            keep = keep_exact & keep_c
+        if d.near and len(active) > 1:
+            pairs = copy_pairs(np.asarray(pool.thumbs[active]), None, d, index_cfg, res_q=short_side(pool)[active],
+                               progress=cfg.progress)  # fmt: skip
+            a, b = active[pairs.a], active[pairs.b]
+            ncc, local, view = pairs.ncc, pairs.local, pairs.view
+        else:
+            a = b = np.zeros(0, np.int64)
+            ncc = local = view = np.zeros(0, np.float32)
+        edge = (ncc >= d.threshold) & (local >= d.local_threshold)
+        keep_c, groups = components(n, a[edge], b[edge], rank)
+        keep = keep_exact & keep_c
         summary = {"in": int(len(active)), "out": int(keep.sum()), "candidate_pairs": int(len(a)),
                    "edges": int(edge.sum()), "groups": len(groups), "threshold": d.threshold,
-                   "local_threshold": d.local_threshold, "seconds": t.seconds}  # fmt: skip
-        steps.save("near", fp_prev, summary, data={"groups": [g.tolist() for g in groups]},
-                   arrays={"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view})  # fmt: skip
-        got = steps.load("near", fp_prev)
+                   "local_threshold": d.local_threshold}  # fmt: skip
+        return (summary, {"groups": [g.tolist() for g in groups]},
+                {"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view})  # fmt: skip
+
+    got = steps.run("near", near, settings={"dedup": cfg.dedup, "index": cfg.index, "seed": cfg.seed},
+                    after=["exact"])  # fmt: skip
     keep_near = got[1]["keep"]
     results["near"] = got
-    if stop_after == "near":
-        return {}
 
-    # d. decontamination
-    fp_prev = fingerprint(fp_prev, cfg.decontaminate, list(cfg.eval_sets))
-    if (got := steps.load("decontam", fp_prev)) is None:
+    def decontam() -> tuple[dict, dict, dict]:  # d. decontamination
         active = np.nonzero(keep_near)[0]
-        with Timer() as t:
-            sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
-            found = decontaminate(pool.thumbs, pool.records, active, sets, cfg.decontaminate, index_cfg,
-                                  progress=cfg.progress)  # fmt: skip
-            keep = keep_near.copy()
-            keep[list(found.removed)] = False
-        reasons = {}
+        sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
+        found = decontaminate(pool.thumbs, pool.records, active, sets, cfg.decontaminate, index_cfg,
+                              progress=cfg.progress)  # fmt: skip
+        keep = keep_near.copy()
+        keep[list(found.removed)] = False
+        reasons: dict[str, int] = {}
         for r in found.removed.values():
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        pa = np.concatenate([p.a for p in found.pairs]) if found.pairs else np.zeros(0, np.int64)
-        pn = (
-            np.concatenate([p.ncc for p in found.pairs]) if found.pairs else np.zeros(0, np.float32)
-        )
-        pl = (
-            np.concatenate([p.local for p in found.pairs])
-            if found.pairs
-            else np.zeros(0, np.float32)
-        )
+
+        def joined(field: str, dtype: type) -> np.ndarray:
+            parts = [getattr(p, field) for p in found.pairs]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
         summary = {"in": int(len(active)), "out": int(keep.sum()), "removed_by": reasons,
-                   "threshold": cfg.decontaminate.threshold, "local_threshold": cfg.decontaminate.local_threshold,
-                   "seconds": t.seconds}  # fmt: skip
-        steps.save("decontam", fp_prev, summary, data={"removed": {str(k): v for k, v in found.removed.items()}},
-                   arrays={"keep": keep, "a": pa, "ncc": pn, "local": pl})  # fmt: skip
-        got = steps.load("decontam", fp_prev)
+                   "threshold": cfg.decontaminate.threshold, "local_threshold": cfg.decontaminate.local_threshold}  # fmt: skip
+        return (summary, {"removed": {str(k): v for k, v in found.removed.items()}},
+                {"keep": keep, "a": joined("a", np.int64), "ncc": joined("ncc", np.float32),
+                 "local": joined("local", np.float32)})  # fmt: skip
+
+    got = steps.run("decontam", decontam, settings={"decontaminate": cfg.decontaminate, "index": cfg.index,
+                                                    "seed": cfg.seed},
+                    datasets={"eval sets": list(cfg.eval_sets)}, after=["near"])  # fmt: skip
     keep_clean = got[1]["keep"]
     results["decontam"] = got
-    if stop_after == "decontam":
-        return {}
 
-    # e/f. selection
-    fp_prev = fingerprint(fp_prev, cfg.retrieve, cfg.balance, cfg.sample, list(cfg.seeds), cfg.seed)
-    if (got := steps.load("select", fp_prev)) is None:
-        with Timer() as t:
-            selected, summary, data = _select(
-                cfg, pool, seeds, np.nonzero(keep_clean)[0], index_cfg
-            )
-        summary["seconds"] = t.seconds
-        steps.save("select", fp_prev, summary, data=data, arrays=selected)
-        got = steps.load("select", fp_prev)
+    def select() -> tuple[dict, dict, dict]:  # e/f. selection
+        selected, summary, data = _select(cfg, pool, seeds, np.nonzero(keep_clean)[0], index_cfg)
+        return summary, data, selected
+
+    got = steps.run("select", select, settings={"retrieve": cfg.retrieve, "balance": cfg.balance,
+                                                "sample": cfg.sample, "seed": cfg.seed, "index": cfg.index},
+                    datasets={"seeds": list(cfg.seeds)}, after=["decontam"])  # fmt: skip
     results["select"] = got
-    if stop_after == "select":
-        return {}
 
-    # g. write
-    fp_prev = fingerprint(fp_prev, cfg.write)
-    if steps.load("write", fp_prev) is None:
-        with Timer() as t:
-            n_written = write_curated(
-                cfg, pool, got[1]["rows"], got[0]["data"]["reasons"], out / "curated"
-            )
-        steps.save("write", fp_prev, {"in": int(len(got[1]["rows"])), "out": n_written, "seconds": t.seconds,
-                                      "dir": str(out / "curated")})  # fmt: skip
-    if stop_after == "write":
-        return {}
+    def write() -> tuple[dict, None, None]:  # g. write
+        rows = got[1]["rows"]
+        n_written = write_curated(cfg, pool, rows, got[0]["data"]["reasons"], out / "curated")
+        return {"in": int(len(rows)), "out": n_written, "dir": str(out / "curated")}, None, None
+
+    steps.run("write", write, settings={"write": cfg.write}, after=["select"])
     return report.write_report(cfg, out, steps.summaries, results)
 
 

@@ -1,6 +1,11 @@
-"""Step results on disk: each step of `curation run` is skipped when its result exists with the
-same fingerprint (its settings + the fingerprints of the steps it reads), so a killed run resumes
-where it stopped and changing one threshold recomputes only the steps downstream of it."""
+"""Step results on disk, keyed on content: each step of `curation run` is skipped when its result
+exists under the same key, the sha256 of (step name, its settings, the content of the datasets it
+reads, the keys of the steps it reads). A killed run resumes where it stopped; changing one
+threshold recomputes only the steps downstream of it; a pool rewritten in place under the same
+path recomputes every step that reads it (no stale keep-masks).
+
+Files are hashed once: `OUT/steps/hashes.json` remembers each file's sha256 by (size, mtime_ns),
+as git's index does, so a rerun on unchanged data reads no file twice."""
 
 from __future__ import annotations
 
@@ -9,65 +14,217 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pretrain.data.specs import parse_spec
 
 logger = logging.getLogger(__name__)
 
 TEST_EXIT_ENV = (
     "MEDSSL_CURATION_TEST_EXIT_AFTER"  # test hook: os._exit(75) after this step (a kill)
 )
+HASH_CHUNK = 1 << 22
 
 
 def fingerprint(*parts: Any) -> str:
-    def plain(x: Any) -> Any:
-        return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
-
-    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    """Short sha256 of JSON-able parts (configs resolved)."""
+    text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class Steps:
-    """`OUT/steps/NAME.json` (fingerprint, summary, small results) + `NAME.npz` (arrays)."""
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
 
-    def __init__(self, out: Path):
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"dedup.threshold": 0.99, ...}: what a log line names when a setting changed."""
+    tree = _plain(tree)
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ContentHashes:
+    """sha256 of files and datasets, cached by (path, size, mtime_ns) in a JSON file.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "a.bin").write_bytes(b"abc")
+    3
+    >>> ContentHashes(d / "hashes.json").file(d / "a.bin")[:12]
+    'ba7816bf8f01'
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.known: dict[str, list] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.known = {}
+        self.dirty = False
+
+    def file(self, path: str | os.PathLike) -> str:
+        p = Path(path).resolve()
+        st = p.stat()
+        got = self.known.get(str(p))
+        if got and got[0] == st.st_size and got[1] == st.st_mtime_ns:
+            return got[2]
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+        self.known[str(p)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self.dirty = True
+        return h.hexdigest()
+
+    def files(self, paths: Iterable[Path], root: Path | None = None) -> list[list[str]]:
+        """[[name, sha256], ...]: names relative to `root` (else base names), so a moved copy of
+        the same data keeps its key."""
+        return [[str(p.relative_to(root)) if root else p.name, self.file(p)] for p in paths]
+
+    def dataset(self, spec: str | os.PathLike) -> str:
+        """sha256 of what a dataset spec holds: its shards and the manifest beside them, its .npz
+        and split, or every file of its image folder (names relative to the folder)."""
+        parsed = parse_spec(spec)
+        if parsed.kind == "shards":
+            dirs = sorted({p.parent for p in parsed.shards})
+            manifests = [d / "manifest.jsonl" for d in dirs if (d / "manifest.jsonl").is_file()]
+            parts: Any = ["shards", self.files(parsed.shards), [self.file(m) for m in manifests]]
+        elif parsed.kind == "npz":
+            parts = ["npz", parsed.split, self.file(parsed.path)]
+        else:
+            found = sorted(Path(d, f) for d, _, names in os.walk(parsed.path) for f in names)
+            parts = ["folder", self.files(found, root=parsed.path)]
+        self.save()
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def save(self) -> None:
+        if self.dirty:
+            _atomic_write_text(self.path, json.dumps(self.known))
+            self.dirty = False
+
+
+class StopAfter(Exception):
+    """Raised by Steps.run after the step named by `stop_after` (later runs resume)."""
+
+
+class Steps:
+    """`OUT/steps/NAME.json` (key, inputs, summary, small results) + `NAME.npz` (arrays).
+
+    `run` is the one way a step is cached: it computes the step's key, returns the stored result
+    when the key matches, else calls `compute` and stores what it returns."""
+
+    def __init__(self, out: Path, stop_after: str | None = None):
         self.dir = out / "steps"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.hashes = ContentHashes(self.dir / "hashes.json")
+        self.stop_after = stop_after
+        self.keys: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
 
-    def load(self, name: str, fp: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+    def inputs(self, settings: Mapping[str, Any], datasets: Mapping[str, Any] | None = None,
+               after: Iterable[str] = ()) -> dict:  # fmt: skip
+        """What decides a step's result: flattened settings, dataset content hashes, upstream keys."""
+        return {
+            "settings": _flat(dict(settings)),
+            "datasets": {
+                label: self._dataset_hash(spec) for label, spec in (datasets or {}).items()
+            },
+            "after": {name: self.keys[name] for name in after},
+        }
+
+    def _dataset_hash(self, spec: Any) -> Any:
+        if isinstance(spec, list | tuple | ListConfig):
+            return [self.hashes.dataset(str(s)) for s in spec]
+        return self.hashes.dataset(str(spec))
+
+    def run(self, name: str, compute: Callable[[], tuple[dict, dict | None, dict | None]], *,
+            settings: Mapping[str, Any], datasets: Mapping[str, Any] | None = None,
+            after: Iterable[str] = ()) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+        """(json doc, arrays) of step `name`, computed only when its key changed.
+
+        `compute() -> (summary, data, arrays)`; `datasets`: {label: dataset spec or list of specs}
+        read by the step; `after`: names of the steps whose results it reads."""
+        inputs = self.inputs(settings, datasets, after)
+        key = hashlib.sha256(
+            json.dumps([name, inputs], sort_keys=True, default=str).encode()
+        ).hexdigest()
+        got = self._load(name, key, inputs)
+        if got is None:
+            with Timer() as t:
+                summary, data, arrays = compute()
+            summary = {**summary, "seconds": summary.get("seconds", t.seconds)}
+            self._save(name, key, inputs, summary, data, arrays)
+            got = self._load(name, key, inputs)
+            assert got is not None
+        self.keys[name] = key
+        if self.stop_after == name:
+            raise StopAfter(name)
+        return got
+
+    def _load(self, name: str, key: str, inputs: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
         path = self.dir / f"{name}.json"
-        if not path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
-        doc = json.loads(path.read_text())
-        if doc.get("fingerprint") != fp:
-            logger.info("step %s: settings or inputs changed, recomputing", name)
+        except json.JSONDecodeError as exc:
+            logger.warning("step %s: %s unreadable (%s): recomputing", name, path, exc)
+            return None
+        if doc.get("key") != key:
+            logger.info("step %s: recomputing: %s", name, _why(doc.get("inputs") or {}, inputs))
             return None
         arrays: dict[str, np.ndarray] = {}
         if (self.dir / f"{name}.npz").is_file():
             with np.load(self.dir / f"{name}.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        logger.info("step %s: done before, skipped", name)
-        self.summaries.setdefault(name, {**doc["summary"], "cached": True})
+        if name not in self.summaries:
+            logger.info("step %s: done before with the same data and settings, skipped", name)
+            self.summaries[name] = {**doc["summary"], "cached": True}
         return doc, arrays
 
-    def save(self, name: str, fp: str, summary: dict, data: dict | None = None,
-             arrays: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+    def _save(self, name: str, key: str, inputs: dict, summary: dict, data: dict | None,
+              arrays: dict[str, np.ndarray] | None) -> None:  # fmt: skip
+        (self.dir / f"{name}.json").unlink(missing_ok=True)  # its presence means done
         if arrays:
             tmp = self.dir / f"{name}.tmp.npz"
             np.savez(tmp, **arrays)
             os.replace(tmp, self.dir / f"{name}.npz")
-        doc = {"fingerprint": fp, "summary": summary, "data": data or {}}
-        tmp_json = self.dir / f"{name}.json.tmp"
-        tmp_json.write_text(json.dumps(doc, default=_json_default))
-        os.replace(tmp_json, self.dir / f"{name}.json")  # written last: its presence means done
+        doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
+        _atomic_write_text(self.dir / f"{name}.json", json.dumps(doc, default=_json_default))
         self.summaries[name] = {**summary, "cached": False}
         if os.environ.get(TEST_EXIT_ENV) == name:
             logger.warning("%s=%s: exiting as if killed", TEST_EXIT_ENV, name)
             os._exit(75)
+
+
+def _why(old: dict, new: dict) -> str:
+    """The reason a step runs again, for the log: which data, setting or upstream step changed."""
+    reasons = []
+    for label in sorted(set(old.get("datasets", {})) | set(new["datasets"])):
+        if old.get("datasets", {}).get(label) != new["datasets"].get(label):
+            reasons.append(f"{label} changed")
+    was, now = old.get("settings", {}), new["settings"]
+    changed = sorted(k for k in set(was) | set(now) if was.get(k, ...) != now.get(k, ...))
+    if changed:
+        shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+        reasons.append(f"settings changed: {shown}")
+    for step in sorted(set(old.get("after", {})) | set(new["after"])):
+        if old.get("after", {}).get(step) != new["after"].get(step):
+            reasons.append(f"step {step} changed")
+    return "; ".join(reasons) or "stored by an older version"
 
 
 def _json_default(x: Any) -> Any:

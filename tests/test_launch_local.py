@@ -228,9 +228,15 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
     ingest, pretrain = plan[0].calls[0], plan[1].calls[0]
     # The SRC paths travel in a private argument file, never in the job's argv or records.
     args_file = out / "shards" / "private" / "launch-ingest.args"
-    assert ingest.argv == ["ingest", f"@{args_file}"] and oct(args_file.stat().st_mode)[-3:] == "600"
+    assert (
+        ingest.argv == ["ingest", f"@{args_file}"] and oct(args_file.stat().st_mode)[-3:] == "600"
+    )
     assert args_file.read_text().split("\n")[:-1] == [
-        "src1", "src2", "--out", str(out / "shards"), "workers=2"
+        "src1",
+        "src2",
+        "--out",
+        str(out / "shards"),
+        "workers=2",
     ]
     assert (
         f"data.train={out / 'shards'}" in pretrain.argv and pretrain.argv[-1] == "optim.max_steps=5"
