@@ -4,6 +4,7 @@ of it and the log says why."""
 
 from __future__ import annotations
 
+import doctest
 import hashlib
 import json
 import logging
@@ -11,8 +12,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
+import curation.steps
 from curation.embed import Encoder
 from curation.plant import medmnist, record_for, write_shards
 from curation.run import DEFAULT_CONFIG, run_pipeline
@@ -130,3 +131,7 @@ def test_an_unreadable_step_file_is_recomputed_not_trusted(medssl_data, tmp_path
         summary = _run(tmp_path)
     assert not summary["steps"]["near"]["cached"] and summary["steps"]["exact"]["cached"]
     assert "near.json unreadable" in caplog.text
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(curation.steps).failed == 0
