@@ -64,8 +64,11 @@ def speed(args: argparse.Namespace) -> None:
         kmeans(x, int(np.sqrt(n)), niter=10)
         t_km = time.perf_counter() - t0
         rows.append((n, t_graph, t_km, n - n_comp))
-        print(f"N={n:>9,}  near-dup graph {t_graph:8.1f} s  k-means({int(np.sqrt(n))}) {t_km:8.1f} s  "
-              f"removed {n - n_comp}", flush=True)  # fmt: skip
+        print(
+            f"N={n:>9,}  near-dup graph {t_graph:8.1f} s  k-means({int(np.sqrt(n))}) {t_km:8.1f} s  "
+            f"removed {n - n_comp}",
+            flush=True,
+        )
     print(f"\nN            graph s    k-means s   (threads: {torch.get_num_threads()})")
     for n, tg, tk, _ in rows:
         print(f"{n:<12,} {tg:9.1f} {tk:11.1f}")
@@ -108,8 +111,11 @@ def quality(args: argparse.Namespace) -> None:
     data, out = Path(args.data), Path(args.out)
     rng = np.random.default_rng(args.seed)
     originals = []
-    pool_splits = {"pneumoniamnist": ("train", "val"), "breastmnist": ("train", "val", "test"),
-                   "retinamnist": ("train", "val", "test")}  # fmt: skip
+    pool_splits = {
+        "pneumoniamnist": ("train", "val"),
+        "breastmnist": ("train", "val", "test"),
+        "retinamnist": ("train", "val", "test"),
+    }
     for name, splits in pool_splits.items():
         for split in splits:
             for i, px in enumerate(plant.medmnist(data, name, split)):
@@ -139,10 +145,20 @@ def quality(args: argparse.Namespace) -> None:
         plant.write_shards(out / "pool", items)
         plant.write_shards(out / "eval", eval_items)
         seeds = plant.medmnist(data, "pneumoniamnist", "val", 100, seed=args.seed)
-        plant.write_shards(out / "seeds", [(f"seed-{i}", px, plant.record_for(f"seed-{i}", px, "CR"))
-                                           for i, px in enumerate(seeds)])  # fmt: skip
-    overrides = [f"pool={out / 'pool'}", f"output_dir={out / 'run'}", f"eval_sets=[{out / 'eval'}]",
-                 "progress=false", *args.overrides]  # fmt: skip
+        plant.write_shards(
+            out / "seeds",
+            [
+                (f"seed-{i}", px, plant.record_for(f"seed-{i}", px, "CR"))
+                for i, px in enumerate(seeds)
+            ],
+        )
+    overrides = [
+        f"pool={out / 'pool'}",
+        f"output_dir={out / 'run'}",
+        f"eval_sets=[{out / 'eval'}]",
+        "progress=false",
+        *args.overrides,
+    ]
     t0, c0 = time.perf_counter(), time.process_time()
     summary = run_pipeline(load_config(DEFAULT_CONFIG, None, overrides))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -192,11 +208,15 @@ def _unique_removed(originals: list, pairs: list, removed: set[str]) -> dict:
         other = len(gone) - len(sha) - len(near)
         has_twin = sum(twins[k][0] or twins[k][1] >= NEAR_IDENTICAL for k in keys)
         out["unique_removed" + (f"_{name}" if name else "")] = {
-            "unique": len(keys), "removed": len(gone), "rate": round(len(gone) / max(1, len(keys)), 4),
-            "with_source_twin": has_twin, "removed_pixel_identical_twin": len(sha),
-            "removed_near_identical_twin": len(near), "removed_other": other,
+            "unique": len(keys),
+            "removed": len(gone),
+            "rate": round(len(gone) / max(1, len(keys)), 4),
+            "with_source_twin": has_twin,
+            "removed_pixel_identical_twin": len(sha),
+            "removed_near_identical_twin": len(near),
+            "removed_other": other,
             "rate_other": round(other / max(1, len(keys)), 4),
-        }  # fmt: skip
+        }
     return out
 
 

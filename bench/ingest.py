@@ -31,8 +31,11 @@ def data_root() -> Path:
 
 def bench(workers: int, shard_size: int, out: Path) -> dict:
     data = data_root()
-    cfg = load_config(DEFAULT_CONFIG, None, [f"workers={workers}", f"shard_size={shard_size}",
-                                             "progress=false", "patient_salt=bench"])  # fmt: skip
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        None,
+        [f"workers={workers}", f"shard_size={shard_size}", "progress=false", "patient_salt=bench"],
+    )
     cfg.src = [str(data / "pneumoniamnist.npz"), str(data / "dicom")]
     cfg.out = str(out)
     start = time.perf_counter()

@@ -63,10 +63,18 @@ ASSUMED_MFU = 0.2
 WORKLOADS = ("dinov2", "timm", "lightly", "mae", "simclr")
 # --quick: defaults small enough for a 2-core CPU (explicit options still win)
 QUICK = {
-    "batch": 2, "steps": 1, "global_size": 112, "local_size": 48, "n_local": 2,
-    "prototypes": 4096, "mae_arch": "vit_small", "mae_size": 112, "simclr_arch": "resnet18",
-    "simclr_size": 112, "max_step_seconds": 60.0,
-}  # fmt: skip
+    "batch": 2,
+    "steps": 1,
+    "global_size": 112,
+    "local_size": 48,
+    "n_local": 2,
+    "prototypes": 4096,
+    "mae_arch": "vit_small",
+    "mae_size": 112,
+    "simclr_arch": "resnet18",
+    "simclr_size": 112,
+    "max_step_seconds": 60.0,
+}
 
 # PyTorch's flop counter knows the CUDA attention kernels but not the CPU flash kernel timm uses.
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -149,29 +157,43 @@ def multicrop_batch(args: argparse.Namespace, device: torch.device) -> tuple[dic
 
 
 def engine_step(
-    args: argparse.Namespace, recipe: Path | None, overrides: list[str], batch: object,
-    precision: str, device: torch.device, out_dir: str,
-) -> Callable[[], None]:  # fmt: skip
+    args: argparse.Namespace,
+    recipe: Path | None,
+    overrides: list[str],
+    batch: object,
+    precision: str,
+    device: torch.device,
+    out_dir: str,
+) -> Callable[[], None]:
     """`Engine.train_step` on a fixed batch, for the recipe's merged config + overrides."""
     common = [
-        "data.train=synthetic", f"output_dir={out_dir}",
-        f"optim.max_steps={args.warmup + args.steps + 1}", "optim.warmup_steps=0",
-        f"train.precision={precision}", f"train.device={device.type}",
-    ]  # fmt: skip
+        "data.train=synthetic",
+        f"output_dir={out_dir}",
+        f"optim.max_steps={args.warmup + args.steps + 1}",
+        "optim.warmup_steps=0",
+        f"train.precision={precision}",
+        f"train.device={device.type}",
+    ]
     engine = Engine(compose_config(recipe, common + overrides), device=device, steps_per_epoch=1000)
     return lambda: engine.train_step(batch)
 
 
 def dinov2_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
     overrides = [
-        "method=dinov2", f"data.batch_size={args.batch}",
-        f"model.arch={args.arch}", f"model.patch_size={args.patch}", f"model.img_size={args.global_size}",
-        "model.in_chans=3", "data.channels=3", "model.layerscale=1e-5", "model.drop_path_rate=0.1",
+        "method=dinov2",
+        f"data.batch_size={args.batch}",
+        f"model.arch={args.arch}",
+        f"model.patch_size={args.patch}",
+        f"model.img_size={args.global_size}",
+        "model.in_chans=3",
+        "data.channels=3",
+        "model.layerscale=1e-5",
+        "model.drop_path_rate=0.1",
         f"dinov2.crops.global_crops_size={args.global_size}",
         f"dinov2.crops.local_crops_size={args.local_size}",
         f"dinov2.crops.local_crops_number={args.n_local}",
         f"dinov2.dino.head_n_prototypes={args.prototypes}",
-    ]  # fmt: skip
+    ]
     batch = multicrop_batch(args, device)
     return engine_step(args, None, overrides, batch, precision, device, out_dir)
 
@@ -180,9 +202,11 @@ def mae_step(args: argparse.Namespace, precision: str, device: torch.device, out
     """MAE recipe: what its loader yields is (B x C x H x W images, labels)."""
     b, size = args.mae_batch, args.mae_size
     overrides = [
-        f"data.batch_size={b}", f"model.arch={args.mae_arch}",
-        f"model.patch_size={args.mae_patch}", f"model.img_size={size}",
-    ]  # fmt: skip
+        f"data.batch_size={b}",
+        f"model.arch={args.mae_arch}",
+        f"model.patch_size={args.mae_patch}",
+        f"model.img_size={size}",
+    ]
     batch = (torch.randn(b, 3, size, size, device=device), torch.zeros(b, dtype=torch.long))
     recipe = CONFIG_DIR / "mae_vitb16.yaml"
     return engine_step(args, recipe, overrides, batch, precision, device, out_dir)
@@ -224,9 +248,15 @@ def lightly_step(args: argparse.Namespace, precision: str, device: torch.device)
         def __init__(self) -> None:
             super().__init__()
             self.backbone = build_backbone(
-                {"arch": args.arch, "patch_size": args.patch, "img_size": args.global_size,
-                 "in_chans": 3, "layerscale": 1e-5, "drop_path_rate": 0.1}
-            )  # fmt: skip
+                {
+                    "arch": args.arch,
+                    "patch_size": args.patch,
+                    "img_size": args.global_size,
+                    "in_chans": 3,
+                    "layerscale": 1e-5,
+                    "drop_path_rate": 0.1,
+                }
+            )
             dim = self.backbone.num_features
             self.head = DINOProjectionHead(dim, 2048, 256, args.prototypes, freeze_last_layer=1)
 
@@ -257,8 +287,16 @@ def lightly_step(args: argparse.Namespace, precision: str, device: torch.device)
     return step
 
 
-def measure(name: str, batch: int, make: Callable[[], Callable[[], None]], precision: str, args,
-            device, peaks: dict[str, float], flops_cache: dict[str, int]) -> dict:  # fmt: skip
+def measure(
+    name: str,
+    batch: int,
+    make: Callable[[], Callable[[], None]],
+    precision: str,
+    args,
+    device,
+    peaks: dict[str, float],
+    flops_cache: dict[str, int],
+) -> dict:
     row: dict = {"workload": name, "precision": precision, "batch": batch}
     flops = flops_cache.get(name)
     if flops is not None:
@@ -343,8 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     precisions = [s for s in args.precisions.split(",") if s]
     peaks = {pr: matmul_peak(DTYPES[pr], device) for pr in DTYPES}
-    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
-                      **{f"matmul_peak_{k}_tflop_s": v / 1e12 for k, v in peaks.items()}}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                **{f"matmul_peak_{k}_tflop_s": v / 1e12 for k, v in peaks.items()},
+            }
+        )
+    )
     wanted = args.wanted
     has_lightly = False
     if "lightly" in wanted:
@@ -359,17 +404,37 @@ def main(argv: list[str] | None = None) -> None:
         for precision in precisions:
             # (workload, table name, images per step, builder of the step closure)
             makers: list[tuple[str, str, int, Callable]] = [
-                ("dinov2", "medssl_dinov2", args.batch,
-                 lambda pr=precision: dinov2_step(args, pr, device, tmp)),
-                ("timm", "timm_vit_fwd_bwd", args.batch,
-                 lambda pr=precision: timm_step(args, pr, device)),
-                ("lightly", "lightly_dino", args.batch,
-                 lambda pr=precision: lightly_step(args, pr, device)),
-                ("mae", f"medssl_mae_{args.mae_arch}", args.mae_batch,
-                 lambda pr=precision: mae_step(args, pr, device, tmp)),
-                ("simclr", f"medssl_simclr_{args.simclr_arch}", args.simclr_batch,
-                 lambda pr=precision: simclr_step(args, pr, device, tmp)),
-            ]  # fmt: skip
+                (
+                    "dinov2",
+                    "medssl_dinov2",
+                    args.batch,
+                    lambda pr=precision: dinov2_step(args, pr, device, tmp),
+                ),
+                (
+                    "timm",
+                    "timm_vit_fwd_bwd",
+                    args.batch,
+                    lambda pr=precision: timm_step(args, pr, device),
+                ),
+                (
+                    "lightly",
+                    "lightly_dino",
+                    args.batch,
+                    lambda pr=precision: lightly_step(args, pr, device),
+                ),
+                (
+                    "mae",
+                    f"medssl_mae_{args.mae_arch}",
+                    args.mae_batch,
+                    lambda pr=precision: mae_step(args, pr, device, tmp),
+                ),
+                (
+                    "simclr",
+                    f"medssl_simclr_{args.simclr_arch}",
+                    args.simclr_batch,
+                    lambda pr=precision: simclr_step(args, pr, device, tmp),
+                ),
+            ]
             for key, name, batch, make in makers:
                 if key not in wanted or (key == "lightly" and not has_lightly):
                     continue

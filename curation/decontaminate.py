@@ -35,8 +35,12 @@ class Contamination:
         self, index: int, reason: str, eval_set: str, eval_key: str, score: float | None = None
     ) -> None:
         if index not in self.removed:
-            self.removed[int(index)] = {"reason": reason, "eval_set": eval_set, "eval_key": eval_key,
-                                        "score": None if score is None else round(float(score), 4)}  # fmt: skip
+            self.removed[int(index)] = {
+                "reason": reason,
+                "eval_set": eval_set,
+                "eval_key": eval_key,
+                "score": None if score is None else round(float(score), 4),
+            }
 
 
 def decontaminate(
@@ -63,16 +67,27 @@ def decontaminate(
         if cfg.patients:
             patients = {r["patient"]: r["key"] for r in records if r.get("patient")}
             if patients:
-                check_same_key({"the pool": _fingerprints(pool_records, active),
-                                f"eval set {name}": _fingerprints(records)},
-                               "patient decontamination")  # fmt: skip
+                check_same_key(
+                    {
+                        "the pool": _fingerprints(pool_records, active),
+                        f"eval set {name}": _fingerprints(records),
+                    },
+                    "patient decontamination",
+                )
             for i in active:
                 p = pool_records[i].get("patient")
                 if p and p in patients:
                     found.add(int(i), "patient", name, patients[p])
         if len(active) and len(thumbs):
-            pairs = copy_pairs(np.asarray(pool_thumbs[active]), np.asarray(thumbs), cfg, index_cfg,
-                               res_q=short_side(pool_records)[active], res_db=short_side(records), progress=progress)  # fmt: skip
+            pairs = copy_pairs(
+                np.asarray(pool_thumbs[active]),
+                np.asarray(thumbs),
+                cfg,
+                index_cfg,
+                res_q=short_side(pool_records)[active],
+                res_db=short_side(records),
+                progress=progress,
+            )
             pairs.a = active[pairs.a]
             found.pairs.append(pairs)
             hit = pairs.copies(float(cfg.threshold), float(cfg.local_threshold))

@@ -67,9 +67,17 @@ def _top_per_query(q: np.ndarray, d: np.ndarray, s: np.ndarray, m: int) -> tuple
 
 
 def view_candidates(
-    thumbs_q: np.ndarray, thumbs_db: np.ndarray, *, same: bool, neighbours: int, candidates: int,
-    min_similarity: float, index_cfg: dict, batch_size: int = 1024, progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    thumbs_q: np.ndarray,
+    thumbs_db: np.ndarray,
+    *,
+    same: bool,
+    neighbours: int,
+    candidates: int,
+    min_similarity: float,
+    index_cfg: dict,
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stage 1: (query idx, db idx, best view similarity) for db images near a crop of a query."""
     n_db = len(thumbs_db)
     db = np.concatenate([full_views(thumbs_db[s:e]) for s, e in batches(n_db, 8192)])
@@ -94,9 +102,16 @@ def view_candidates(
     return q, d, sims.astype(np.float32)
 
 
-def copy_pairs(thumbs_q: np.ndarray, thumbs_db: np.ndarray | None, cfg, index_cfg: dict, *,
-               res_q: np.ndarray | None = None, res_db: np.ndarray | None = None,
-               progress: bool = True) -> Pairs:  # fmt: skip
+def copy_pairs(
+    thumbs_q: np.ndarray,
+    thumbs_db: np.ndarray | None,
+    cfg,
+    index_cfg: dict,
+    *,
+    res_q: np.ndarray | None = None,
+    res_db: np.ndarray | None = None,
+    progress: bool = True,
+) -> Pairs:
     """Verified candidate pairs; `thumbs_db=None` means within `thumbs_q` (pairs a < b).
 
     res_q/res_db: short side of every source image (pairs are compared at the lower one)."""
@@ -104,8 +119,13 @@ def copy_pairs(thumbs_q: np.ndarray, thumbs_db: np.ndarray | None, cfg, index_cf
     db = thumbs_q if same else thumbs_db
     if same:
         res_db = res_q
-    opts = dict(neighbours=int(cfg.neighbours), candidates=int(cfg.candidates),
-                min_similarity=float(cfg.candidate_min), index_cfg=index_cfg, progress=progress)  # fmt: skip
+    opts = dict(
+        neighbours=int(cfg.neighbours),
+        candidates=int(cfg.candidates),
+        min_similarity=float(cfg.candidate_min),
+        index_cfg=index_cfg,
+        progress=progress,
+    )
     q, d, s = view_candidates(thumbs_q, db, same=same, **opts)
     if not same:  # a copy may also be a crop of the eval image: query the other way round
         d2, q2, s2 = view_candidates(db, thumbs_q, same=False, **opts)
@@ -117,10 +137,13 @@ def copy_pairs(thumbs_q: np.ndarray, thumbs_db: np.ndarray | None, cfg, index_cf
     scores = {"ncc": np.zeros(len(q), np.float32), "local": np.zeros(len(q), np.float32)}
     for st, en in tqdm(list(batches(len(q), 4096)), desc="verify copies", disable=not progress):
         order = slice(st, en)
-        got = match_pairs(np.asarray(thumbs_q[q[order]]), np.asarray(db[d[order]]),
-                          prefilter=float(cfg.threshold) - PREFILTER_MARGIN,
-                          res_a=None if res_q is None else res_q[q[order]],
-                          res_b=None if res_db is None else res_db[d[order]])  # fmt: skip
+        got = match_pairs(
+            np.asarray(thumbs_q[q[order]]),
+            np.asarray(db[d[order]]),
+            prefilter=float(cfg.threshold) - PREFILTER_MARGIN,
+            res_a=None if res_q is None else res_q[q[order]],
+            res_b=None if res_db is None else res_db[d[order]],
+        )
         scores["ncc"][order], scores["local"][order] = got["ncc"], got["local"]
     return Pairs(q, d, s, scores["ncc"], scores["local"])
 

@@ -144,8 +144,10 @@ RESOLUTION_RATIO = 1.25  # a pair member this much sharper than the other is blu
 
 def _integral(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integral images of x and x^2, (m, S+1, S+1): window sums in O(1) per position."""
-    return (F.pad(x[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0)),
-            F.pad((x[:, 0] ** 2).cumsum(1).cumsum(2), (1, 0, 1, 0)))  # fmt: skip
+    return (
+        F.pad(x[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0)),
+        F.pad((x[:, 0] ** 2).cumsum(1).cumsum(2), (1, 0, 1, 0)),
+    )
 
 
 def _window(ii: torch.Tensor, sy: int, sx: int) -> torch.Tensor:
@@ -221,8 +223,12 @@ def best_alignment(
     coarse = box[:, 2].clone()
     for size in sorted(set(coarse.tolist())):
         rows = torch.nonzero(coarse == size)[:, 0]
-        near = [(size + dy, size + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                if (dy or dx) and size + max(dy, dx) <= THUMB]  # fmt: skip
+        near = [
+            (size + dy, size + dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if (dy or dx) and size + max(dy, dx) <= THUMB
+        ]
         val, bx = _search(big[rows], small[rows], near)
         better = val > best[rows]
         best[rows[better]] = val[better]
@@ -321,8 +327,14 @@ def common_resolution(
     return out_a, out_b
 
 
-def match_pairs(thumbs_a: np.ndarray, thumbs_b: np.ndarray, batch_size: int = 2048, prefilter: float = -1.0,
-                res_a: np.ndarray | None = None, res_b: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def match_pairs(
+    thumbs_a: np.ndarray,
+    thumbs_b: np.ndarray,
+    batch_size: int = 2048,
+    prefilter: float = -1.0,
+    res_a: np.ndarray | None = None,
+    res_b: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Align every pair (thumbs_a[i], thumbs_b[i]) both ways and score the best alignment.
 
     Returns float32 arrays: `ncc` (the copy score: `joint_colour_ncc` of the pair aligned by grey

@@ -39,8 +39,17 @@ from pretrain.data.specs import DatasetSpec, parse_spec
 logger = logging.getLogger(__name__)
 
 DONE = "DONE.json"
-RECORD_FIELDS = ("key", "sha256", "patient", "key_fingerprint", "modality", "height", "width",
-                 "label", "source")  # fmt: skip
+RECORD_FIELDS = (
+    "key",
+    "sha256",
+    "patient",
+    "key_fingerprint",
+    "modality",
+    "height",
+    "width",
+    "label",
+    "source",
+)
 
 
 class EmbedError(RuntimeError):
@@ -142,8 +151,12 @@ def _timm_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
             "%s: ignoring %d unexpected keys (e.g. %s)", weights, len(unexpected), unexpected[:3]
         )
     cfg = model.pretrained_cfg or {}
-    meta = {"img_size": (cfg.get("input_size") or (3, 224, 224))[-1], "channels": 3,
-            "mean": cfg.get("mean"), "std": cfg.get("std")}  # fmt: skip
+    meta = {
+        "img_size": (cfg.get("input_size") or (3, 224, 224))[-1],
+        "channels": 3,
+        "mean": cfg.get("mean"),
+        "std": cfg.get("std"),
+    }
     return model, meta
 
 
@@ -202,16 +215,22 @@ def dataset_groups(spec: str, shards_per_job: int, groups: int | None = None) ->
     if parsed.kind != "shards":
         if groups is None:
             return [parsed]
-        return [parsed] + [DatasetSpec("shards", parsed.path, f"{spec}#{g}", shards=())
-                           for g in range(1, int(groups))]  # fmt: skip
+        return [parsed] + [
+            DatasetSpec("shards", parsed.path, f"{spec}#{g}", shards=())
+            for g in range(1, int(groups))
+        ]
     shards = list(parsed.shards)
     if groups is None:
         size = max(1, int(shards_per_job))
         bounds = list(range(0, len(shards), size)) + [len(shards)]
     else:
         bounds = [len(shards) * g // int(groups) for g in range(int(groups) + 1)]
-    return [DatasetSpec("shards", shards[min(a, len(shards) - 1)], f"{spec}#{g}",
-                        shards=tuple(shards[a:b])) for g, (a, b) in enumerate(zip(bounds, bounds[1:]))]  # fmt: skip
+    return [
+        DatasetSpec(
+            "shards", shards[min(a, len(shards) - 1)], f"{spec}#{g}", shards=tuple(shards[a:b])
+        )
+        for g, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
 
 
 def _done(out: Path) -> dict | None:
@@ -225,9 +244,17 @@ def group_dir(out: Path, index: int) -> Path:
     return out / "groups" / f"group-{index:06d}"
 
 
-def embed_group(group: DatasetSpec, out: Path, encoder: Encoder, *, batch_size: int = 256,
-                num_workers: int = 0, window: Any = None, progress: bool = True,
-                fingerprint: str | None = None) -> Path:  # fmt: skip
+def embed_group(
+    group: DatasetSpec,
+    out: Path,
+    encoder: Encoder,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    window: Any = None,
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> Path:
     """Embed one group into `out` (skipped when complete with the same fingerprint); returns `out`."""
     done = _done(out)
     if done is not None and done.get("fingerprint") == fingerprint:
@@ -241,8 +268,12 @@ def embed_group(group: DatasetSpec, out: Path, encoder: Encoder, *, batch_size: 
     tmp.mkdir(parents=True)
     emb = open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(n, encoder.dim))
     thumbs = open_memmap(tmp / "thumbs.npy", mode="w+", dtype=np.uint8, shape=(n, THUMB, THUMB, 3))
-    loader = DataLoader(_Items(base, encoder, window), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)  # fmt: skip
+    loader = DataLoader(
+        _Items(base, encoder, window),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
     pos, skipped = 0, []
     with open(tmp / "records.jsonl", "w") as f:
         for inputs, th, recs, bad in tqdm(
@@ -266,8 +297,15 @@ def embed_group(group: DatasetSpec, out: Path, encoder: Encoder, *, batch_size: 
             np.save(tmp / f"{name}.part", np.asarray(arr[:pos]))
             (tmp / f"{name}.part.npy").replace(tmp / name)
     del emb, thumbs
-    done = {"n": pos, "encoder": encoder.name, "dim": encoder.dim, "spec": group.spec,
-            "shards": [str(p) for p in group.shards], "skipped": skipped, "fingerprint": fingerprint}  # fmt: skip
+    done = {
+        "n": pos,
+        "encoder": encoder.name,
+        "dim": encoder.dim,
+        "spec": group.spec,
+        "shards": [str(p) for p in group.shards],
+        "skipped": skipped,
+        "fingerprint": fingerprint,
+    }
     (tmp / DONE).write_text(json.dumps(done))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -309,8 +347,11 @@ def merge(out: Path, group_fps: list[str | None]) -> Embedded:
     ):
         dirs = [group_dir(out, i) for i in range(n_groups)]
         metas = [_done(d) for d in dirs]
-        missing = [i for i, (m, fp) in enumerate(zip(metas, group_fps))
-                   if m is None or m.get("fingerprint") != fp]  # fmt: skip
+        missing = [
+            i
+            for i, (m, fp) in enumerate(zip(metas, group_fps))
+            if m is None or m.get("fingerprint") != fp
+        ]
         if missing:
             listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise EmbedError(
@@ -338,8 +379,17 @@ def merge(out: Path, group_fps: list[str | None]) -> Embedded:
         del emb, thumbs
         for name in ("embeddings.npy", "thumbs.npy", "records.jsonl"):
             (out / f"{name}.tmp").replace(out / name)
-        (out / DONE).write_text(json.dumps({"n": n, "dim": dim, "encoder": metas[0]["encoder"],
-                                            "groups": n_groups, "fingerprint": fingerprint}))  # fmt: skip
+        (out / DONE).write_text(
+            json.dumps(
+                {
+                    "n": n,
+                    "dim": dim,
+                    "encoder": metas[0]["encoder"],
+                    "groups": n_groups,
+                    "fingerprint": fingerprint,
+                }
+            )
+        )
     return load_embedded(out)
 
 
@@ -352,9 +402,19 @@ def load_embedded(out: Path) -> Embedded:
     )
 
 
-def embed_dataset(spec: str, out: Path, encoder: Encoder | None, cfg: Any, *, progress: bool = True,
-                  n_groups: int | None = None, only_group: int | None = None, merge_only: bool = False,
-                  settings: Any = None, hashes: ContentHashes | None = None) -> Embedded | None:  # fmt: skip
+def embed_dataset(
+    spec: str,
+    out: Path,
+    encoder: Encoder | None,
+    cfg: Any,
+    *,
+    progress: bool = True,
+    n_groups: int | None = None,
+    only_group: int | None = None,
+    merge_only: bool = False,
+    settings: Any = None,
+    hashes: ContentHashes | None = None,
+) -> Embedded | None:
     """Embed every group of `spec` (or just `only_group`) and merge; None when only one group ran.
 
     `merge_only`: embed nothing, merge the groups that array tasks wrote (refusing when some are
@@ -368,9 +428,16 @@ def embed_dataset(spec: str, out: Path, encoder: Encoder | None, cfg: Any, *, pr
         raise EmbedError(f"--group {only_group} outside 0..{len(groups) - 1} for {spec}")
     todo = [] if merge_only else range(len(groups)) if only_group is None else [only_group]
     for i in todo:
-        embed_group(groups[i], group_dir(out, i), encoder, batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers, window=cfg.window, progress=progress,
-                    fingerprint=fps[i])  # fmt: skip
+        embed_group(
+            groups[i],
+            group_dir(out, i),
+            encoder,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            window=cfg.window,
+            progress=progress,
+            fingerprint=fps[i],
+        )
     if only_group is not None:
         return None
     return merge(out, fps)

@@ -74,13 +74,23 @@ def hierarchical_kmeans(
                 if len(subset) <= k:
                     break
                 centroids = kmeans(
-                    points[subset], k, niter=niter, seed=seed + 1000 * (step + 1) + depth,
+                    points[subset],
+                    k,
+                    niter=niter,
+                    seed=seed + 1000 * (step + 1) + depth,
                     init_centroids=centroids,
-                )  # fmt: skip
+                )
                 labels, dists = assign(points, centroids)
         sizes = np.bincount(labels, minlength=k)
-        logger.info("level %d: %d clusters, sizes min %d median %d max %d (r=%d)",
-                    depth + 1, k, sizes.min(), int(np.median(sizes)), sizes.max(), r)  # fmt: skip
+        logger.info(
+            "level %d: %d clusters, sizes min %d median %d max %d (r=%d)",
+            depth + 1,
+            k,
+            sizes.min(),
+            int(np.median(sizes)),
+            sizes.max(),
+            r,
+        )
         levels.append(Level(centroids=centroids, parent=labels))
         points = centroids
     return levels
@@ -143,8 +153,11 @@ def balanced_sample(
     # number of points under every cluster of every level
     counts = [np.bincount(levels[0].parent, minlength=len(levels[0].centroids))]
     for depth in range(1, len(levels)):
-        counts.append(np.bincount(levels[depth].parent, weights=counts[-1],
-                                  minlength=len(levels[depth].centroids)).astype(np.int64))  # fmt: skip
+        counts.append(
+            np.bincount(
+                levels[depth].parent, weights=counts[-1], minlength=len(levels[depth].centroids)
+            ).astype(np.int64)
+        )
     top = len(levels) - 1
     quotas = split_quota(counts[top], target_size, rng)
     frontier = [(top, c, int(q)) for c, q in enumerate(quotas) if q > 0]

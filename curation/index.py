@@ -194,10 +194,16 @@ def kmeans(
     n_train = min(n, k * max_points_per_centroid)
     sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
     km = faiss.Kmeans(
-        d, k, niter=niter, seed=seed, gpu=gpu_enabled(use_gpu),
-        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
-        nredo=1 if init_centroids is not None else nredo, verbose=False,
-    )  # fmt: skip
+        d,
+        k,
+        niter=niter,
+        seed=seed,
+        gpu=gpu_enabled(use_gpu),
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
+        nredo=1 if init_centroids is not None else nredo,
+        verbose=False,
+    )
     km.train(
         as_f32(sample), init_centroids=None if init_centroids is None else as_f32(init_centroids)
     )

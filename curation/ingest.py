@@ -136,8 +136,13 @@ def _files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
         dirs[:] = [d for d in dirs if not d.startswith(".") and here / d != exclude]
         for d in [d for d in dirs if (here / d).is_symlink()]:
             dirs.remove(d)
-            found.append((here / d, "symbolic link to a folder: not followed (give its target "
-                                    "as a SRC to ingest it)"))  # fmt: skip
+            found.append(
+                (
+                    here / d,
+                    "symbolic link to a folder: not followed (give its target "
+                    "as a SRC to ingest it)",
+                )
+            )
         for name in names:
             path = here / name
             if name.startswith("."):
@@ -183,8 +188,10 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
     for unit in units:  # the same SRC given twice is ingested once; two files, one name: refused
         other = unique.setdefault((unit.base, unit.start), unit)
         if other.path != unit.path:
-            raise IngestError("two inputs get the same source name (the same folder name given "
-                              "twice as SRC?); give their parent folder instead")  # fmt: skip
+            raise IngestError(
+                "two inputs get the same source name (the same folder name given "
+                "twice as SRC?); give their parent folder instead"
+            )
     return list(unique.values())
 
 
@@ -209,9 +216,14 @@ def _encode(unit: Unit, image: readers.DecodedImage, naming: Naming) -> dict:
     rec = image.record
     source = unit.source(rec["index_in_source"], rec["n_in_source"])
     key = naming.key(source)
-    full = {"key": key, "source": naming.shown(source), "input": naming.key(unit.base),
-            "key_fingerprint": naming.site.fingerprint(),
-            "sha256": shards.pixel_sha256(image.pixels), **rec}  # fmt: skip
+    full = {
+        "key": key,
+        "source": naming.shown(source),
+        "input": naming.key(unit.base),
+        "key_fingerprint": naming.site.fingerprint(),
+        "sha256": shards.pixel_sha256(image.pixels),
+        **rec,
+    }
     full.update(split=rec.get("split"), label=rec.get("label"))
     return shards.encode_sample(key, image.pixels, full)
 
@@ -272,8 +284,10 @@ def _committed_records(out: Path, parts: Path, shard_size: int) -> list[list[dic
             lines = [{**rec, "shard": shard.name} for rec in shards.iter_shard_records(shard)]
             _write_atomic(part, _jsonl(lines))
         if index < len(tars) - 1 and len(lines) != shard_size:
-            raise IngestError(f"{out}: {shard.name} holds {len(lines)} samples, not shard_size="
-                              f"{shard_size}; resume with the original shard_size or a new --out")  # fmt: skip
+            raise IngestError(
+                f"{out}: {shard.name} holds {len(lines)} samples, not shard_size="
+                f"{shard_size}; resume with the original shard_size or a new --out"
+            )
         result.append(lines)
     return result
 
@@ -334,8 +348,10 @@ def resume_plan(
 def _check_same_key(out: Path, naming: Naming) -> None:
     """Refuse a re-run under another site key or source mode: one output, one kind of name."""
     path = out / PRIVACY_FILE
-    mine = {"key_fingerprint": naming.site.fingerprint(),
-            "sources": "keep" if naming.keep else "pseudonym"}  # fmt: skip
+    mine = {
+        "key_fingerprint": naming.site.fingerprint(),
+        "sources": "keep" if naming.keep else "pseudonym",
+    }
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key_fingerprint") != mine["key_fingerprint"]:
@@ -345,8 +361,10 @@ def _check_same_key(out: Path, naming: Naming) -> None:
                 "again or a new --out"
             )
         if old.get("sources") != mine["sources"]:
-            raise IngestError(f"{out} was ingested with sources={old.get('sources')}; re-run with "
-                              "it or use a new --out")  # fmt: skip
+            raise IngestError(
+                f"{out} was ingested with sources={old.get('sources')}; re-run with "
+                "it or use a new --out"
+            )
     _write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
 
@@ -359,8 +377,10 @@ def _check_same_settings(out: Path, cfg: DictConfig) -> None:
     for key in sorted((set(old) | set(new)) - set(VOLATILE_KEYS)):
         if old.get(key) != new.get(key):
             values = "" if key == "src" else f" ({old.get(key)!r} vs {new.get(key)!r})"
-            raise IngestError(f"{out} holds an ingest with different '{key}'{values}; re-run "
-                              "the original command or use a new --out")  # fmt: skip
+            raise IngestError(
+                f"{out} holds an ingest with different '{key}'{values}; re-run "
+                "the original command or use a new --out"
+            )
 
 
 def _write_private_map(cfg: DictConfig, units: list[Unit], naming: Naming) -> Path:
@@ -381,8 +401,9 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
     if cfg.sources not in SOURCE_MODES:
         raise IngestError(f"sources must be one of {SOURCE_MODES}, got {cfg.sources!r}")
     if cfg.dicom.burned_in not in BURNED_IN_POLICIES:
-        raise IngestError(f"dicom.burned_in must be one of {BURNED_IN_POLICIES}, "
-                          f"got {cfg.dicom.burned_in!r}")  # fmt: skip
+        raise IngestError(
+            f"dicom.burned_in must be one of {BURNED_IN_POLICIES}, got {cfg.dicom.burned_in!r}"
+        )
     naming = Naming(resolve_site_key(cfg.patient_salt_file, out=out), cfg.sources == "keep")
     units = plan_inputs(list(cfg.src), cfg, exclude=out)  # bad SRC: fail before touching OUT
     out.mkdir(parents=True, exist_ok=True)
@@ -404,11 +425,20 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
     committed = [line for lines in shard_lines for line in lines]
     rejections = _load_rejections(parts / "rejected.jsonl")
     tasks = resume_plan(units, committed, rejections, naming)
-    logger.info("%d input unit(s), %d to do; %d sample(s) already committed in %s (site key %s)",
-                len(units), len(tasks), len(committed), out, naming.site.fingerprint())  # fmt: skip
-    opts = {"modality": str(cfg.raster_modality), "burned_in": str(cfg.dicom.burned_in),
-            "ct_window_preset": cfg.dicom.ct_window_preset,
-            "use_window_tags": bool(cfg.dicom.use_window_tags)}  # fmt: skip
+    logger.info(
+        "%d input unit(s), %d to do; %d sample(s) already committed in %s (site key %s)",
+        len(units),
+        len(tasks),
+        len(committed),
+        out,
+        naming.site.fingerprint(),
+    )
+    opts = {
+        "modality": str(cfg.raster_modality),
+        "burned_in": str(cfg.dicom.burned_in),
+        "ct_window_preset": cfg.dicom.ct_window_preset,
+        "use_window_tags": bool(cfg.dicom.use_window_tags),
+    }
     sink = _ShardSink(out, parts, int(cfg.shard_size), shard_lines)
     rejected_log = open(parts / "rejected.jsonl", "a")  # noqa: SIM115 - closed below
     results = _results([(unit, skip, opts, naming) for unit, skip in tasks], int(cfg.workers))
@@ -492,8 +522,13 @@ class _ShardSink:
             self.writer.abort()
 
 
-def _finish(out: Path, names: list[str], shard_lines: list[list[dict]],
-            rejections: dict[str, str], started: float) -> dict[str, Any]:  # fmt: skip
+def _finish(
+    out: Path,
+    names: list[str],
+    shard_lines: list[list[dict]],
+    rejections: dict[str, str],
+    started: float,
+) -> dict[str, Any]:
     _write_atomic(out / "manifest.jsonl", "".join(_jsonl(lines) for lines in shard_lines))
     ordered = list(dict.fromkeys(name for name in names if name in rejections))
     rejected = [{"source": base, "reason": rejections[base]} for base in ordered]
@@ -526,8 +561,10 @@ def run(args: argparse.Namespace) -> int:
     """`python -m curation ingest`: exit 0 when anything was ingested."""
     overrides, sources = split_overrides(args.src)
     if any(o.partition("=")[0].strip() == "patient_salt" for o in overrides):
-        raise IngestError("patient_salt= is not taken on the command line, where shell histories "
-                          f"and launch records keep it: set ${SALT_ENV} or patient_salt_file=PATH")  # fmt: skip
+        raise IngestError(
+            "patient_salt= is not taken on the command line, where shell histories "
+            f"and launch records keep it: set ${SALT_ENV} or patient_salt_file=PATH"
+        )
     flags = {"shard_size": args.shard_size, "workers": args.workers}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
@@ -540,6 +577,9 @@ def run(args: argparse.Namespace) -> int:
     summary = ingest(cfg)
     print(json.dumps(summary), flush=True)
     if summary["ingested"] == 0:
-        print(f"error: nothing could be ingested: {summary['rejected']} input(s) rejected, reasons "
-              f"in {Path(cfg.out) / 'rejected.jsonl'}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: nothing could be ingested: {summary['rejected']} input(s) rejected, reasons "
+            f"in {Path(cfg.out) / 'rejected.jsonl'}",
+            file=sys.stderr,
+        )
     return 0 if summary["ingested"] else 1

@@ -69,11 +69,22 @@ def record_for(
     key: str, pixels: np.ndarray, modality: str, patient: str | None = None, **extra: Any
 ) -> dict:
     """A manifest-like record as `curation ingest` writes it (enough for curation)."""
-    return {"key": key, "source": key, "sha256": pixel_sha256(pixels), "modality": modality,
-            "height": int(pixels.shape[0]), "width": int(pixels.shape[1]),
-            "channels": 1 if pixels.ndim == 2 else int(pixels.shape[2]), "bits": 8,
-            "photometric": "RGB" if pixels.ndim == 3 else "MONOCHROME2", "split": None, "label": None,
-            "patient": patient, "pixel": {}, **extra}  # fmt: skip
+    return {
+        "key": key,
+        "source": key,
+        "sha256": pixel_sha256(pixels),
+        "modality": modality,
+        "height": int(pixels.shape[0]),
+        "width": int(pixels.shape[1]),
+        "channels": 1 if pixels.ndim == 2 else int(pixels.shape[2]),
+        "bits": 8,
+        "photometric": "RGB" if pixels.ndim == 3 else "MONOCHROME2",
+        "split": None,
+        "label": None,
+        "patient": patient,
+        "pixel": {},
+        **extra,
+    }
 
 
 def write_shards(
@@ -94,8 +105,12 @@ def write_shards(
     return out
 
 
-def planted_pool(images: list[tuple[str, np.ndarray, str]], n_copies: int, seed: int = 0,
-                 kinds: tuple[str, ...] = KINDS) -> tuple[list[tuple[str, np.ndarray, dict]], list[tuple[str, str, str]]]:  # fmt: skip
+def planted_pool(
+    images: list[tuple[str, np.ndarray, str]],
+    n_copies: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
+) -> tuple[list[tuple[str, np.ndarray, dict]], list[tuple[str, str, str]]]:
     """Originals (key, pixels, modality) + `n_copies` planted copies -> (items, (orig, copy, kind) pairs)."""
     rng = np.random.default_rng(seed)
     items = [(k, px, record_for(k, px, mod)) for k, px, mod in images]
@@ -111,8 +126,9 @@ def planted_pool(images: list[tuple[str, np.ndarray, str]], n_copies: int, seed:
     return [items[i] for i in order], pairs
 
 
-def score(items: list[tuple[str, np.ndarray, dict]], pairs: list[tuple[str, str, str]],
-          removed: set[str]) -> dict[str, Any]:  # fmt: skip
+def score(
+    items: list[tuple[str, np.ndarray, dict]], pairs: list[tuple[str, str, str]], removed: set[str]
+) -> dict[str, Any]:
     """Recall of planted pairs (one of the two removed) and false removal among twin-free images."""
     found = [
         (a in removed) != (b in removed) or (a in removed and b in removed) for a, b, _ in pairs
@@ -127,9 +143,13 @@ def score(items: list[tuple[str, np.ndarray, dict]], pairs: list[tuple[str, str,
     for kind in sorted({k for _, _, k in pairs}):
         hits = [f for f, (_, _, k) in zip(found, pairs) if k == kind]
         per_kind[kind] = round(float(np.mean(hits)), 4)
-    return {"recall": float(np.mean(found)) if found else 1.0, "recall_per_kind": per_kind,
-            "false_removal": float(np.mean([k in removed for k in unique])) if unique else 0.0,
-            "unique": len(unique), "pairs": len(pairs)}  # fmt: skip
+    return {
+        "recall": float(np.mean(found)) if found else 1.0,
+        "recall_per_kind": per_kind,
+        "false_removal": float(np.mean([k in removed for k in unique])) if unique else 0.0,
+        "unique": len(unique),
+        "pairs": len(pairs),
+    }
 
 
 def source_twins(items: list[tuple[str, np.ndarray, str]]) -> dict[str, tuple[bool, float]]:

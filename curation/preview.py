@@ -53,10 +53,15 @@ def count_samples(records: list[dict[str, Any]]) -> dict[str, Any]:
         "modality": dict(sorted(Counter(key(r.get("modality")) for r in records).items())),
         "split": dict(sorted(Counter(key(r.get("split")) for r in records).items())),
         "label": dict(sorted(Counter(key(r.get("label")) for r in records).items())),
-        "modality/split/label": dict(sorted(Counter(
-            f"{key(r.get('modality'))}/{key(r.get('split'))}/{key(r.get('label'))}" for r in records
-        ).items())),
-    }  # fmt: skip
+        "modality/split/label": dict(
+            sorted(
+                Counter(
+                    f"{key(r.get('modality'))}/{key(r.get('split'))}/{key(r.get('label'))}"
+                    for r in records
+                ).items()
+            )
+        ),
+    }
 
 
 def read_samples(directory: Path, records: list[dict[str, Any]]) -> list[tuple[np.ndarray, dict]]:

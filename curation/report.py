@@ -149,8 +149,13 @@ def _grids(cfg, results: dict, out: Path) -> dict[str, Path | None]:
         if why.get("reason") == "seed-knn":
             by_seed.setdefault(why["seed"], []).append(int(row))
     seed_thumbs = {r["key"]: s.thumbs[j] for s in results["seeds"] for j, r in enumerate(s.records)}
-    grids["retrieval"] = image_grid([[seed_thumbs[s], *[thumbs[r] for r in rows_[: k - 1]]]
-                                     for s, rows_ in list(by_seed.items())[:k]], out / "retrieval.png")  # fmt: skip
+    grids["retrieval"] = image_grid(
+        [
+            [seed_thumbs[s], *[thumbs[r] for r in rows_[: k - 1]]]
+            for s, rows_ in list(by_seed.items())[:k]
+        ],
+        out / "retrieval.png",
+    )
     leaf, cands = select["candidate_leaf"], select["candidates"]
     rows = []
     if len(leaf) and leaf.max() >= 0:
@@ -180,11 +185,17 @@ def write_report(cfg, out: Path, summaries: dict, results: dict) -> dict:
     fig_dir = out / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
     n = len(results["pool"])
-    figures = {"similarity": _similarity_plot(results, summaries, n, fig_dir / "similarity.png"),
-               "clusters": _cluster_plot(results["select"][1], fig_dir / "clusters.png")}  # fmt: skip
+    figures = {
+        "similarity": _similarity_plot(results, summaries, n, fig_dir / "similarity.png"),
+        "clusters": _cluster_plot(results["select"][1], fig_dir / "clusters.png"),
+    }
     figures.update(_grids(cfg, results, fig_dir))
-    summary = {"pool": n, "curated": summaries.get("write", {}).get("out"), "output_dir": str(out),
-               "steps": summaries}  # fmt: skip
+    summary = {
+        "pool": n,
+        "curated": summaries.get("write", {}).get("out"),
+        "output_dir": str(out),
+        "steps": summaries,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{s.get('in', '')}</td><td>{s.get('out', '')}</td>"
@@ -193,14 +204,17 @@ def write_report(cfg, out: Path, summaries: dict, results: dict) -> dict:
     )
     images = "".join(
         f"<h2>{name}</h2><p>{html.escape(CAPTIONS[name])}</p><img src='report/{path.name}'>"
-        for name, path in figures.items() if path is not None
-    )  # fmt: skip
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>curation report</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}"
-            f"code{{font-size:80%}}</style></head><body><h1>Curation report</h1>"
-            f"<p>pool {n} images &rarr; curated {summary['curated']} ({html.escape(str(out))})</p>"
-            f"<table><tr><th>step</th><th>in</th><th>out</th><th>seconds</th><th>details</th></tr>{rows}</table>"
-            f"{images}</body></html>")  # fmt: skip
+        for name, path in figures.items()
+        if path is not None
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>curation report</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}"
+        f"code{{font-size:80%}}</style></head><body><h1>Curation report</h1>"
+        f"<p>pool {n} images &rarr; curated {summary['curated']} ({html.escape(str(out))})</p>"
+        f"<table><tr><th>step</th><th>in</th><th>out</th><th>seconds</th><th>details</th></tr>{rows}</table>"
+        f"{images}</body></html>"
+    )
     (out / "report.html").write_text(page)
     logger.info("report: %s", out / "report.html")
     return summary

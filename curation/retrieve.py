@@ -19,8 +19,9 @@ from curation.index import assign, build_index, kmeans, normalize_rows, search
 logger = logging.getLogger(__name__)
 
 
-def sample_based(pool_emb: np.ndarray, seed_emb: np.ndarray, k: int, index_cfg: dict,
-                 *, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def sample_based(
+    pool_emb: np.ndarray, seed_emb: np.ndarray, k: int, index_cfg: dict, *, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool row, seed row, cosine) for the k nearest pool images of every seed."""
     if len(pool_emb) == 0 or len(seed_emb) == 0 or k <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -39,8 +40,15 @@ def sample_based(pool_emb: np.ndarray, seed_emb: np.ndarray, k: int, index_cfg: 
     return ids[ok], seeds[ok], sims[ok]
 
 
-def cluster_based(pool_emb: np.ndarray, seed_emb: np.ndarray, *, n_clusters: int | None, min_seeds: int,
-                  per_cluster: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+def cluster_based(
+    pool_emb: np.ndarray,
+    seed_emb: np.ndarray,
+    *,
+    n_clusters: int | None,
+    min_seeds: int,
+    per_cluster: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(pool rows, their cluster ids, info) from clusters holding more than `min_seeds` seeds."""
     n = len(pool_emb)
     if n == 0 or len(seed_emb) == 0:
@@ -68,16 +76,26 @@ def cluster_based(pool_emb: np.ndarray, seed_emb: np.ndarray, *, n_clusters: int
         )
         rows.append(take)
         clusters.append(np.full(len(take), c, np.int64))
-    info = {"n_clusters": k, "selected_clusters": [int(c) for c in chosen],
-            "seeds_per_cluster": {int(c): int(seeds_per[c]) for c in chosen},
-            "cluster_sizes": np.bincount(labels, minlength=k).tolist()}  # fmt: skip
+    info = {
+        "n_clusters": k,
+        "selected_clusters": [int(c) for c in chosen],
+        "seeds_per_cluster": {int(c): int(seeds_per[c]) for c in chosen},
+        "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
+    }
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), info
     return np.concatenate(rows), np.concatenate(clusters), info
 
 
-def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, cfg, index_cfg: dict, *, seed: int = 0,
-             progress: bool = True) -> tuple[dict[int, dict], dict]:  # fmt: skip
+def retrieve(
+    pool_emb: np.ndarray,
+    seed_emb: np.ndarray,
+    cfg,
+    index_cfg: dict,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[int, dict], dict]:
     """Union of both retrievals: {pool row: reason} (sample-based wins when both found it), info."""
     reasons: dict[int, dict] = {}
     rows, seeds, sims = sample_based(
@@ -91,8 +109,14 @@ def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, cfg, index_cfg: dict, *
     n_sample = len(reasons)
     info: dict = {"sample_based": n_sample}
     if cfg.cluster:
-        crow, cid, cinfo = cluster_based(pool_emb, seed_emb, n_clusters=cfg.n_clusters, min_seeds=int(cfg.min_seeds),
-                                         per_cluster=int(cfg.per_cluster), seed=seed)  # fmt: skip
+        crow, cid, cinfo = cluster_based(
+            pool_emb,
+            seed_emb,
+            n_clusters=cfg.n_clusters,
+            min_seeds=int(cfg.min_seeds),
+            per_cluster=int(cfg.per_cluster),
+            seed=seed,
+        )
         for r, c in zip(crow, cid):
             reasons.setdefault(int(r), {"reason": "seed-cluster", "cluster": int(c)})
         info.update(cluster_based=len(crow), **cinfo)

@@ -59,8 +59,15 @@ USER_ERRORS = (DatasetSpecError, EmbedError, FileNotFoundError)
 
 def _index_cfg(cfg: DictConfig) -> dict:
     c = cfg.index
-    return dict(kind=c.kind, flat_max=int(c.flat_max), nlist=c.nlist, pq_m=c.pq_m, nprobe=int(c.nprobe),
-                use_gpu=c.gpu, seed=int(cfg.seed))  # fmt: skip
+    return dict(
+        kind=c.kind,
+        flat_max=int(c.flat_max),
+        nlist=c.nlist,
+        pq_m=c.pq_m,
+        nprobe=int(c.nprobe),
+        use_gpu=c.gpu,
+        seed=int(cfg.seed),
+    )
 
 
 def _bootstrap(cfg: DictConfig, out: Path, *, may_train: bool = True) -> str:
@@ -71,10 +78,19 @@ def _bootstrap(cfg: DictConfig, out: Path, *, may_train: bool = True) -> str:
     run_dir = out / "bootstrap"
     if not list(run_dir.rglob("backbone.json")):
         if not may_train:
-            raise EmbedError(f"bootstrap.enabled: no bootstrap model in {run_dir} yet; run "
-                             "`python -m curation run ... --step bootstrap` before the embed jobs")  # fmt: skip
-        cmd = [sys.executable, "-m", "pretrain", f"output_dir={run_dir}", f"data.train={cfg.pool}",
-               f"optim.max_steps={int(cfg.bootstrap.max_steps)}", *[str(o) for o in cfg.bootstrap.overrides]]  # fmt: skip
+            raise EmbedError(
+                f"bootstrap.enabled: no bootstrap model in {run_dir} yet; run "
+                "`python -m curation run ... --step bootstrap` before the embed jobs"
+            )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pretrain",
+            f"output_dir={run_dir}",
+            f"data.train={cfg.pool}",
+            f"optim.max_steps={int(cfg.bootstrap.max_steps)}",
+            *[str(o) for o in cfg.bootstrap.overrides],
+        ]
         logger.info("bootstrap: %s", " ".join(cmd))
         if subprocess.run(cmd, check=False).returncode != 0:
             raise EmbedError(f"bootstrap pretraining failed (command: {' '.join(cmd)})")
@@ -101,8 +117,14 @@ def _encoder_content(embed_cfg: DictConfig, steps: Steps) -> list[list[str]]:
     return steps.hashes.files([f for f in files if f.is_file()])
 
 
-def _embed_all(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None = None,
-               merge_only: bool = False) -> tuple[Embedded, list[Embedded], list[Embedded], dict] | None:  # fmt: skip
+def _embed_all(
+    cfg: DictConfig,
+    out: Path,
+    steps: Steps,
+    *,
+    only_group: int | None = None,
+    merge_only: bool = False,
+) -> tuple[Embedded, list[Embedded], list[Embedded], dict] | None:
     """Step a for the pool, the seeds and the eval sets; None after a single group job.
 
     `only_group`: embed that pool group only (one array task). `merge_only`: embed no pool group,
@@ -122,32 +144,88 @@ def _embed_all(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
     with Timer() as t:
         encoder = make_encoder(embed_cfg)
         progress, hashes = bool(cfg.progress), steps.hashes
-        pool = embed_dataset(str(cfg.pool), out / "embed" / "pool", encoder, embed_cfg, progress=progress,
-                             n_groups=n_groups, only_group=only_group, merge_only=merge_only, settings=settings,
-                             hashes=hashes)  # fmt: skip
+        pool = embed_dataset(
+            str(cfg.pool),
+            out / "embed" / "pool",
+            encoder,
+            embed_cfg,
+            progress=progress,
+            n_groups=n_groups,
+            only_group=only_group,
+            merge_only=merge_only,
+            settings=settings,
+            hashes=hashes,
+        )
         if pool is None:
             return None
-        seeds = [embed_dataset(str(s), out / "embed" / f"seeds-{i}", encoder, embed_cfg, progress=progress,
-                               settings=settings, hashes=hashes) for i, s in enumerate(cfg.seeds)]  # fmt: skip
-        evals = [embed_dataset(str(s), out / "embed" / f"eval-{i}", encoder, embed_cfg, progress=progress,
-                               settings=settings, hashes=hashes) for i, s in enumerate(cfg.eval_sets)]  # fmt: skip
+        seeds = [
+            embed_dataset(
+                str(s),
+                out / "embed" / f"seeds-{i}",
+                encoder,
+                embed_cfg,
+                progress=progress,
+                settings=settings,
+                hashes=hashes,
+            )
+            for i, s in enumerate(cfg.seeds)
+        ]
+        evals = [
+            embed_dataset(
+                str(s),
+                out / "embed" / f"eval-{i}",
+                encoder,
+                embed_cfg,
+                progress=progress,
+                settings=settings,
+                hashes=hashes,
+            )
+            for i, s in enumerate(cfg.eval_sets)
+        ]
 
     def summary() -> tuple[dict, None, None]:
         groups = len(dataset_groups(str(cfg.pool), embed_cfg.shards_per_job, n_groups))
-        return {"in": len(pool), "out": len(pool), "seconds": t.seconds, "encoder": encoder.name,
-                "dim": int(pool.embeddings.shape[1]), "groups": groups,
-                "seeds": [len(s) for s in seeds], "eval_sets": [len(e) for e in evals],
-                "images_per_second": None if merge_only else round(len(pool) / max(t.seconds, 1e-9), 1),
-                "pool_groups_from": "array tasks (--step embed --group G)" if merge_only else "this run"}, None, None  # fmt: skip
+        return (
+            {
+                "in": len(pool),
+                "out": len(pool),
+                "seconds": t.seconds,
+                "encoder": encoder.name,
+                "dim": int(pool.embeddings.shape[1]),
+                "groups": groups,
+                "seeds": [len(s) for s in seeds],
+                "eval_sets": [len(e) for e in evals],
+                "images_per_second": None
+                if merge_only
+                else round(len(pool) / max(t.seconds, 1e-9), 1),
+                "pool_groups_from": "array tasks (--step embed --group G)"
+                if merge_only
+                else "this run",
+            },
+            None,
+            None,
+        )
 
-    steps.run("embed", summary, settings={"embed": settings, "shards_per_job": embed_cfg.shards_per_job,
-                                          "groups": n_groups},
-              datasets={"pool": cfg.pool, "seeds": list(cfg.seeds), "eval sets": list(cfg.eval_sets)})  # fmt: skip
+    steps.run(
+        "embed",
+        summary,
+        settings={
+            "embed": settings,
+            "shards_per_job": embed_cfg.shards_per_job,
+            "groups": n_groups,
+        },
+        datasets={"pool": cfg.pool, "seeds": list(cfg.seeds), "eval sets": list(cfg.eval_sets)},
+    )
     return pool, seeds, evals, settings
 
 
-def run_pipeline(cfg: DictConfig, *, only_group: int | None = None, stop_after: str | None = None,
-                 after_embed: bool = False) -> dict:  # fmt: skip
+def run_pipeline(
+    cfg: DictConfig,
+    *,
+    only_group: int | None = None,
+    stop_after: str | None = None,
+    after_embed: bool = False,
+) -> dict:
     """Run (or resume) every step; returns summary.json's content ({} when stopped early).
 
     `only_group`: one embed job of a SLURM array (nothing else). `after_embed`: the global job
@@ -164,8 +242,9 @@ def run_pipeline(cfg: DictConfig, *, only_group: int | None = None, stop_after: 
         steps.hashes.save()
 
 
-def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None,
-               after_embed: bool) -> dict:  # fmt: skip
+def _run_steps(
+    cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None, after_embed: bool
+) -> dict:
     embedded = _embed_all(cfg, out, steps, only_group=only_group, merge_only=after_embed)
     if embedded is None:
         return {}
@@ -177,13 +256,23 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
     results: dict = {"pool": pool, "seeds": seeds, "evals": evals}
 
     def exact() -> tuple[dict, dict, dict]:  # b. exact duplicates
-        keep, groups = exact_duplicates(np.array([r["sha256"] for r in pool.records]), rank) if cfg.dedup.exact \
-            else (np.ones(n, bool), [])  # fmt: skip
-        return ({"in": n, "out": int(keep.sum()), "groups": len(groups)},
-                {"groups": [g.tolist() for g in groups]}, {"keep": keep})  # fmt: skip
+        keep, groups = (
+            exact_duplicates(np.array([r["sha256"] for r in pool.records]), rank)
+            if cfg.dedup.exact
+            else (np.ones(n, bool), [])
+        )
+        return (
+            {"in": n, "out": int(keep.sum()), "groups": len(groups)},
+            {"groups": [g.tolist() for g in groups]},
+            {"keep": keep},
+        )
 
-    got = steps.run("exact", exact, settings={"embed": embed_settings, "dedup.exact": cfg.dedup.exact},
-                    datasets={"pool": cfg.pool})  # fmt: skip
+    got = steps.run(
+        "exact",
+        exact,
+        settings={"embed": embed_settings, "dedup.exact": cfg.dedup.exact},
+        datasets={"pool": cfg.pool},
+    )
     keep_exact = got[1]["keep"]
     results["exact_groups"] = got[0]["data"]["groups"]
 
@@ -191,8 +280,14 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
         d = cfg.dedup
         active = np.nonzero(keep_exact)[0]
         if d.near and len(active) > 1:
-            pairs = copy_pairs(np.asarray(pool.thumbs[active]), None, d, index_cfg, res_q=short_side(pool)[active],
-                               progress=cfg.progress)  # fmt: skip
+            pairs = copy_pairs(
+                np.asarray(pool.thumbs[active]),
+                None,
+                d,
+                index_cfg,
+                res_q=short_side(pool)[active],
+                progress=cfg.progress,
+            )
             a, b = active[pairs.a], active[pairs.b]
             ncc, local, view = pairs.ncc, pairs.local, pairs.view
         else:
@@ -201,22 +296,42 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
         edge = (ncc >= d.threshold) & (local >= d.local_threshold)
         keep_c, groups = components(n, a[edge], b[edge], rank)
         keep = keep_exact & keep_c
-        summary = {"in": int(len(active)), "out": int(keep.sum()), "candidate_pairs": int(len(a)),
-                   "edges": int(edge.sum()), "groups": len(groups), "threshold": d.threshold,
-                   "local_threshold": d.local_threshold}  # fmt: skip
-        return (summary, {"groups": [g.tolist() for g in groups]},
-                {"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view})  # fmt: skip
+        summary = {
+            "in": int(len(active)),
+            "out": int(keep.sum()),
+            "candidate_pairs": int(len(a)),
+            "edges": int(edge.sum()),
+            "groups": len(groups),
+            "threshold": d.threshold,
+            "local_threshold": d.local_threshold,
+        }
+        return (
+            summary,
+            {"groups": [g.tolist() for g in groups]},
+            {"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view},
+        )
 
-    got = steps.run("near", near, settings={"dedup": cfg.dedup, "index": cfg.index, "seed": cfg.seed},
-                    after=["exact"])  # fmt: skip
+    got = steps.run(
+        "near",
+        near,
+        settings={"dedup": cfg.dedup, "index": cfg.index, "seed": cfg.seed},
+        after=["exact"],
+    )
     keep_near = got[1]["keep"]
     results["near"] = got
 
     def decontam() -> tuple[dict, dict, dict]:  # d. decontamination
         active = np.nonzero(keep_near)[0]
         sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
-        found = decontaminate(pool.thumbs, pool.records, active, sets, cfg.decontaminate, index_cfg,
-                              progress=cfg.progress)  # fmt: skip
+        found = decontaminate(
+            pool.thumbs,
+            pool.records,
+            active,
+            sets,
+            cfg.decontaminate,
+            index_cfg,
+            progress=cfg.progress,
+        )
         keep = keep_near.copy()
         keep[list(found.removed)] = False
         reasons: dict[str, int] = {}
@@ -227,15 +342,31 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
             parts = [getattr(p, field) for p in found.pairs]
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-        summary = {"in": int(len(active)), "out": int(keep.sum()), "removed_by": reasons,
-                   "threshold": cfg.decontaminate.threshold, "local_threshold": cfg.decontaminate.local_threshold}  # fmt: skip
-        return (summary, {"removed": {str(k): v for k, v in found.removed.items()}},
-                {"keep": keep, "a": joined("a", np.int64), "ncc": joined("ncc", np.float32),
-                 "local": joined("local", np.float32)})  # fmt: skip
+        summary = {
+            "in": int(len(active)),
+            "out": int(keep.sum()),
+            "removed_by": reasons,
+            "threshold": cfg.decontaminate.threshold,
+            "local_threshold": cfg.decontaminate.local_threshold,
+        }
+        return (
+            summary,
+            {"removed": {str(k): v for k, v in found.removed.items()}},
+            {
+                "keep": keep,
+                "a": joined("a", np.int64),
+                "ncc": joined("ncc", np.float32),
+                "local": joined("local", np.float32),
+            },
+        )
 
-    got = steps.run("decontam", decontam, settings={"decontaminate": cfg.decontaminate, "index": cfg.index,
-                                                    "seed": cfg.seed},
-                    datasets={"eval sets": list(cfg.eval_sets)}, after=["near"])  # fmt: skip
+    got = steps.run(
+        "decontam",
+        decontam,
+        settings={"decontaminate": cfg.decontaminate, "index": cfg.index, "seed": cfg.seed},
+        datasets={"eval sets": list(cfg.eval_sets)},
+        after=["near"],
+    )
     keep_clean = got[1]["keep"]
     results["decontam"] = got
 
@@ -243,9 +374,19 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
         selected, summary, data = _select(cfg, pool, seeds, np.nonzero(keep_clean)[0], index_cfg)
         return summary, data, selected
 
-    got = steps.run("select", select, settings={"retrieve": cfg.retrieve, "balance": cfg.balance,
-                                                "sample": cfg.sample, "seed": cfg.seed, "index": cfg.index},
-                    datasets={"seeds": list(cfg.seeds)}, after=["decontam"])  # fmt: skip
+    got = steps.run(
+        "select",
+        select,
+        settings={
+            "retrieve": cfg.retrieve,
+            "balance": cfg.balance,
+            "sample": cfg.sample,
+            "seed": cfg.seed,
+            "index": cfg.index,
+        },
+        datasets={"seeds": list(cfg.seeds)},
+        after=["decontam"],
+    )
     results["select"] = got
 
     def write() -> tuple[dict, None, None]:  # g. write
@@ -257,8 +398,9 @@ def _run_steps(cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | No
     return report.write_report(cfg, out, steps.summaries, results)
 
 
-def _select(cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.ndarray,
-            index_cfg: dict) -> tuple[dict, dict, dict]:  # fmt: skip
+def _select(
+    cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.ndarray, index_cfg: dict
+) -> tuple[dict, dict, dict]:
     """Rows to keep with reasons; hierarchical clusters for the report."""
     emb = normalize_rows(np.asarray(pool.embeddings[active]))
     reasons: dict[int, dict] = {}
@@ -289,14 +431,24 @@ def _select(cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.n
             if cfg.balance.n_clusters
             else auto_clusters(len(candidates), int(cfg.balance.levels))
         )
-        levels = hierarchical_kmeans(cand_emb, counts, resample_steps=int(cfg.balance.resample_steps),
-                                     sample_sizes=list(cfg.balance.sample_sizes) if cfg.balance.sample_sizes else None,
-                                     niter=int(cfg.balance.niter), seed=int(cfg.seed))  # fmt: skip
+        levels = hierarchical_kmeans(
+            cand_emb,
+            counts,
+            resample_steps=int(cfg.balance.resample_steps),
+            sample_sizes=list(cfg.balance.sample_sizes) if cfg.balance.sample_sizes else None,
+            niter=int(cfg.balance.niter),
+            seed=int(cfg.seed),
+        )
         leaf = levels[0].parent
         info["clusters_per_level"] = [len(lv.centroids) for lv in levels]
         if target is not None and int(target) < len(candidates):
-            picked, _ = balanced_sample(levels, int(target), seed=int(cfg.seed), strategy=str(cfg.balance.strategy),
-                                        x=cand_emb)  # fmt: skip
+            picked, _ = balanced_sample(
+                levels,
+                int(target),
+                seed=int(cfg.seed),
+                strategy=str(cfg.balance.strategy),
+                x=cand_emb,
+            )
             rows = candidates[picked]
     elif target is not None:
         rows = candidates[: int(target)]
@@ -306,8 +458,13 @@ def _select(cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.n
             str(int(r)): {**reasons[int(r)], "leaf_cluster": int(leaf_of[int(r)])} for r in rows
         }
     }
-    summary = {"in": int(len(active)), "out": int(len(rows)), "mode": "retrieval" if seeds else "automatic",
-               "target_size": target, **info}  # fmt: skip
+    summary = {
+        "in": int(len(active)),
+        "out": int(len(rows)),
+        "mode": "retrieval" if seeds else "automatic",
+        "target_size": target,
+        **info,
+    }
     arrays = {
         "rows": np.asarray(rows, dtype=np.int64),
         "candidates": candidates,
@@ -323,15 +480,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", help=f"recipe YAML over {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}"
     )
     parser.add_argument(
-        "--step", choices=RUN_STEPS,
+        "--step",
+        choices=RUN_STEPS,
         help="bootstrap: train the bootstrap model only (bootstrap.enabled); embed: the embed step "
         "only (all groups, or --group G); global: every step after embed (the job after an embed "
         "array; refuses when a group is missing)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--group", type=int, help="with --step embed: embed only this pool group (SLURM array task "
+        "--group",
+        type=int,
+        help="with --step embed: embed only this pool group (SLURM array task "
         "id), of embed.groups groups (or one per embed.shards_per_job shards)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--list-groups", action="store_true", help="print the number of embed groups and exit"
     )
@@ -362,8 +522,15 @@ def run(args: argparse.Namespace) -> int:
     stop_after = "embed" if args.step == "embed" else args.stop_after
     summary = run_pipeline(cfg, stop_after=stop_after, after_embed=args.step == "global")
     if summary:
-        print(json.dumps({"curated": summary.get("curated"), "output_dir": str(cfg.output_dir),
-                          "curated_dir": str(Path(cfg.output_dir) / "curated")}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "curated": summary.get("curated"),
+                    "output_dir": str(cfg.output_dir),
+                    "curated_dir": str(Path(cfg.output_dir) / "curated"),
+                }
+            )
+        )
     return 0
 
 

@@ -134,8 +134,12 @@ class Steps:
         self.keys: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
 
-    def inputs(self, settings: Mapping[str, Any], datasets: Mapping[str, Any] | None = None,
-               after: Iterable[str] = ()) -> dict:  # fmt: skip
+    def inputs(
+        self,
+        settings: Mapping[str, Any],
+        datasets: Mapping[str, Any] | None = None,
+        after: Iterable[str] = (),
+    ) -> dict:
         """What decides a step's result: flattened settings, dataset content hashes, upstream keys."""
         return {
             "settings": _flat(dict(settings)),
@@ -150,9 +154,15 @@ class Steps:
             return [self.hashes.dataset(str(s)) for s in spec]
         return self.hashes.dataset(str(spec))
 
-    def run(self, name: str, compute: Callable[[], tuple[dict, dict | None, dict | None]], *,
-            settings: Mapping[str, Any], datasets: Mapping[str, Any] | None = None,
-            after: Iterable[str] = ()) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    def run(
+        self,
+        name: str,
+        compute: Callable[[], tuple[dict, dict | None, dict | None]],
+        *,
+        settings: Mapping[str, Any],
+        datasets: Mapping[str, Any] | None = None,
+        after: Iterable[str] = (),
+    ) -> tuple[dict, dict[str, np.ndarray]]:
         """(json doc, arrays) of step `name`, computed only when its key changed.
 
         `compute() -> (summary, data, arrays)`; `datasets`: {label: dataset spec or list of specs}
@@ -195,8 +205,15 @@ class Steps:
             self.summaries[name] = {**doc["summary"], "cached": True}
         return doc, arrays
 
-    def _save(self, name: str, key: str, inputs: dict, summary: dict, data: dict | None,
-              arrays: dict[str, np.ndarray] | None) -> None:  # fmt: skip
+    def _save(
+        self,
+        name: str,
+        key: str,
+        inputs: dict,
+        summary: dict,
+        data: dict | None,
+        arrays: dict[str, np.ndarray] | None,
+    ) -> None:
         (self.dir / f"{name}.json").unlink(missing_ok=True)  # its presence means done
         if arrays:
             tmp = self.dir / f"{name}.tmp.npz"

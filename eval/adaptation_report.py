@@ -50,8 +50,9 @@ def plot_adaptation(doc: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("test AUROC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", title="labels / method", title_fontsize=7)
-    ax.set_title(f"Adaptation on {doc['data']['dataset']}: test AUROC vs trainable parameters",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"Adaptation on {doc['data']['dataset']}: test AUROC vs trainable parameters", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -77,8 +78,15 @@ def adaptation_table(doc: dict[str, Any]) -> list[str]:
                     f"{m['train_seconds']:.0f}",
                 )
             )
-    header = ("method", "labels", "n labels (per seed)", "test AUROC", "test balanced accuracy",
-              "trainable params (share of backbone)", "train s (per run)")  # fmt: skip
+    header = (
+        "method",
+        "labels",
+        "n labels (per seed)",
+        "test AUROC",
+        "test balanced accuracy",
+        "trainable params (share of backbone)",
+        "train s (per run)",
+    )
     from eval.report import _table  # report.py imports this module: import at call time
 
     return _table(rows, header)

@@ -177,9 +177,12 @@ class AdaptedModel(nn.Module):
         o = self.options
         for block in backbone.blocks:
             lora = LoRAQKV(
-                block.attn.qkv, int(o["rank"]), float(o["alpha"]), float(o.get("dropout", 0.0)),
+                block.attn.qkv,
+                int(o["rank"]),
+                float(o["alpha"]),
+                float(o.get("dropout", 0.0)),
                 [str(t) for t in o.get("targets", ["q", "v"])],
-            )  # fmt: skip
+            )
             self.adapters.append(lora)
             self._handles.append(block.attn.qkv.register_forward_hook(lora.hook))
 

@@ -47,9 +47,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 _CHECKPOINT_KEYS = (
-    "digest", "epoch", "trainable", "optimizer", "best_state", "best_score", "best_epoch", "bad",
-    "seconds", "history", "stopped",
-)  # fmt: skip
+    "digest",
+    "epoch",
+    "trainable",
+    "optimizer",
+    "best_state",
+    "best_score",
+    "best_epoch",
+    "bad",
+    "seconds",
+    "history",
+    "stopped",
+)
 
 
 class FinetuneCheckpointError(EvalError):
@@ -263,9 +272,11 @@ def train_model(
         torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout, drop path
         order = _epoch_order(train.targets, epoch_samples, settings.balanced, gen)
         loader = DataLoader(
-            train, batch_size=settings.batch_size, sampler=order.tolist(),
+            train,
+            batch_size=settings.batch_size,
+            sampler=order.tolist(),
             num_workers=settings.num_workers,
-        )  # fmt: skip
+        )
         _set_mode(model, full)
         losses = []
         for step, (images, targets) in enumerate(loader):
@@ -289,12 +300,21 @@ def train_model(
             bad += 1
             stopped = bad >= settings.patience
         _save(
-            {"digest": digest, "epoch": epoch + 1, "trainable": model.trainable_state(),
-             "optimizer": optimizer.state_dict(), "best_state": best_state,
-             "best_score": best_score, "best_epoch": best_epoch, "bad": bad, "seconds": seconds,
-             "history": history, "stopped": stopped},
+            {
+                "digest": digest,
+                "epoch": epoch + 1,
+                "trainable": model.trainable_state(),
+                "optimizer": optimizer.state_dict(),
+                "best_state": best_state,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad": bad,
+                "seconds": seconds,
+                "history": history,
+                "stopped": stopped,
+            },
             ckpt_path,
-        )  # fmt: skip
+        )
         bar.update()
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_auroc=f"{score:.3f}")
     bar.close()

@@ -79,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, stage_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     command = public_command(args.stage, argv)
     try:
         from launch.stages import refuse_salt_argument
@@ -95,9 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     summary = {
-        "stage": args.stage, "cluster": opts.cluster, "out": str(out), "logs": str(opts.folder),
+        "stage": args.stage,
+        "cluster": opts.cluster,
+        "out": str(out),
+        "logs": str(opts.folder),
         "jobs": {s.name: s.ids for s in submitted},
-    }  # fmt: skip
+    }
     if all(s.results is not None for s in submitted):
         summary["results"] = {s.name: s.results for s in submitted}
     print(json.dumps(summary, indent=2, default=str))

@@ -60,11 +60,20 @@ def start_attempt(out_dir: Path, name: str, place: Any, command: str) -> dict[st
         attempt = previous + 1
         log_dir = out_dir / "launch" / name / f"attempt-{attempt:02d}-job-{place.job_id}"
         record = {
-            "event": "start", "name": name, "attempt": attempt, "job_id": place.job_id,
-            "restart_count": place.restart_count, "rank": place.rank, "world_size": place.world_size,
-            "cluster": place.cluster, "host": socket.gethostname(), "pid": os.getpid(),
-            "time": time.time(), "command": command, "log_dir": str(log_dir),
-        }  # fmt: skip
+            "event": "start",
+            "name": name,
+            "attempt": attempt,
+            "job_id": place.job_id,
+            "restart_count": place.restart_count,
+            "rank": place.rank,
+            "world_size": place.world_size,
+            "cluster": place.cluster,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "command": command,
+            "log_dir": str(log_dir),
+        }
         f.seek(0, os.SEEK_END)
         f.write((json.dumps(record) + "\n").encode())
         f.flush()
@@ -74,10 +83,16 @@ def start_attempt(out_dir: Path, name: str, place: Any, command: str) -> dict[st
 
 def end_attempt(out_dir: Path, start: dict[str, Any], status: str, **extra: Any) -> None:
     record = {
-        "event": "end", "name": start["name"], "attempt": start["attempt"], "job_id": start["job_id"],
-        "rank": start["rank"], "status": status, "time": time.time(),
-        "elapsed_s": round(time.time() - start["time"], 3), **extra,
-    }  # fmt: skip
+        "event": "end",
+        "name": start["name"],
+        "attempt": start["attempt"],
+        "job_id": start["job_id"],
+        "rank": start["rank"],
+        "status": status,
+        "time": time.time(),
+        "elapsed_s": round(time.time() - start["time"], 3),
+        **extra,
+    }
     with _locked(out_dir / "launch" / ATTEMPTS_FILENAME) as f:
         f.write((json.dumps(record) + "\n").encode())
         f.flush()

@@ -62,16 +62,28 @@ class ClusterOptions:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("cluster")
-    g.add_argument("--cluster", choices=CLUSTERS, default="local",
-                   help="slurm: sbatch through submitit; local: subprocesses on this machine; "
-                   "debug: in this process (pdb works)")  # fmt: skip
-    g.add_argument("--folder", type=Path, default=None,
-                   help="submitit folder for job scripts, pickles and logs (default OUT/launch/submitit)")  # fmt: skip
+    g.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="local",
+        help="slurm: sbatch through submitit; local: subprocesses on this machine; "
+        "debug: in this process (pdb works)",
+    )
+    g.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="submitit folder for job scripts, pickles and logs (default OUT/launch/submitit)",
+    )
     g.add_argument("--partition")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=0)
-    g.add_argument("--tasks-per-node", type=int, default=None,
-                   help="pretrain ranks per node (default: --gpus-per-node, or 1 on CPU)")  # fmt: skip
+    g.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="pretrain ranks per node (default: --gpus-per-node, or 1 on CPU)",
+    )
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--mem-gb", type=float, default=None)
     g.add_argument("--timeout-min", type=int, default=60)
@@ -80,14 +92,24 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--constraint")
     g.add_argument("--exclude")
     g.add_argument("--comment")
-    g.add_argument("--array-parallelism", type=int, default=64,
-                   help="array tasks running at once")  # fmt: skip
-    g.add_argument("--max-requeues", type=int, default=3,
-                   help="requeues after preemption/timeout before a job gives up")  # fmt: skip
-    g.add_argument("--signal-delay-s", type=int, default=90,
-                   help="seconds before the time limit at which SLURM signals the job (USR2)")  # fmt: skip
-    g.add_argument("--wait", action="store_true",
-                   help="slurm: wait for the jobs and print their results (local/debug always wait)")  # fmt: skip
+    g.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="requeues after preemption/timeout before a job gives up",
+    )
+    g.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=90,
+        help="seconds before the time limit at which SLURM signals the job (USR2)",
+    )
+    g.add_argument(
+        "--wait",
+        action="store_true",
+        help="slurm: wait for the jobs and print their results (local/debug always wait)",
+    )
 
 
 def options_from_args(args: argparse.Namespace, out_dir: Path) -> ClusterOptions:
@@ -99,20 +121,34 @@ def options_from_args(args: argparse.Namespace, out_dir: Path) -> ClusterOptions
         (args.timeout_min >= 1, "--timeout-min must be >= 1"),
         (args.max_requeues >= 0, "--max-requeues must be >= 0"),
         (args.array_parallelism >= 1, "--array-parallelism must be >= 1"),
-        (args.cluster == "slurm" or args.nodes == 1, f"--cluster {args.cluster} runs on one node: use --nodes 1"),
-    ]  # fmt: skip
+        (
+            args.cluster == "slurm" or args.nodes == 1,
+            f"--cluster {args.cluster} runs on one node: use --nodes 1",
+        ),
+    ]
     for ok, message in checks:
         if not ok:
             raise LaunchError(message)
     folder = args.folder if args.folder is not None else out_dir / "launch" / "submitit"
     return ClusterOptions(
-        cluster=args.cluster, folder=Path(folder).resolve(), partition=args.partition,
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
-        account=args.account, qos=args.qos, constraint=args.constraint, exclude=args.exclude,
-        comment=args.comment, array_parallelism=args.array_parallelism,
-        max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s,
-    )  # fmt: skip
+        cluster=args.cluster,
+        folder=Path(folder).resolve(),
+        partition=args.partition,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        timeout_min=args.timeout_min,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        exclude=args.exclude,
+        comment=args.comment,
+        array_parallelism=args.array_parallelism,
+        max_requeues=args.max_requeues,
+        signal_delay_s=args.signal_delay_s,
+    )
 
 
 def pythonpath() -> str:
@@ -141,10 +177,13 @@ def make_executor(
     if opts.cluster == "local":
         executor = submitit.LocalExecutor(folder, max_num_timeout=opts.max_requeues)
         executor.update_parameters(
-            timeout_min=opts.timeout_min, tasks_per_node=tasks_per_node, nodes=1,
-            gpus_per_node=opts.gpus_per_node, signal_delay_s=min(opts.signal_delay_s, 30),
+            timeout_min=opts.timeout_min,
+            tasks_per_node=tasks_per_node,
+            nodes=1,
+            gpus_per_node=opts.gpus_per_node,
+            signal_delay_s=min(opts.signal_delay_s, 30),
             setup=setup,
-        )  # fmt: skip
+        )
         return executor
     if opts.cluster != "slurm":
         raise LaunchError(f"unknown cluster {opts.cluster!r}; choose from {CLUSTERS}")
@@ -155,17 +194,28 @@ def make_executor(
             f"--cluster slurm: {exc} (tests/slurm/cluster.sh start runs one here)"
         ) from exc
     params: dict[str, Any] = dict(
-        job_name=f"medssl-{name}", time=opts.timeout_min, nodes=opts.nodes,
-        ntasks_per_node=tasks_per_node, setup=setup, signal_delay_s=opts.signal_delay_s,
+        job_name=f"medssl-{name}",
+        time=opts.timeout_min,
+        nodes=opts.nodes,
+        ntasks_per_node=tasks_per_node,
+        setup=setup,
+        signal_delay_s=opts.signal_delay_s,
         array_parallelism=opts.array_parallelism,
-    )  # fmt: skip
+    )
     optional = {
-        "partition": opts.partition, "cpus_per_task": opts.cpus_per_task,
-        "gpus_per_node": opts.gpus_per_node or None, "account": opts.account, "qos": opts.qos,
-        "constraint": opts.constraint, "exclude": opts.exclude, "comment": opts.comment,
+        "partition": opts.partition,
+        "cpus_per_task": opts.cpus_per_task,
+        "gpus_per_node": opts.gpus_per_node or None,
+        "account": opts.account,
+        "qos": opts.qos,
+        "constraint": opts.constraint,
+        "exclude": opts.exclude,
+        "comment": opts.comment,
         "mem": None if opts.mem_gb is None else _mem(opts.mem_gb),
-        "dependency": f"afterok:{':'.join(raw_job_id(j) for j in dependency)}" if dependency else None,
-    }  # fmt: skip
+        "dependency": f"afterok:{':'.join(raw_job_id(j) for j in dependency)}"
+        if dependency
+        else None,
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     if dependency:  # a failed dependency cancels this job instead of leaving it pending forever
         params["additional_parameters"] = {"kill-on-invalid-dep": "yes"}

@@ -75,8 +75,14 @@ def plan_curate(
     in_process = opts.cluster == "debug"
 
     def job(name: str, flags: list[str]) -> StageJob:
-        return StageJob(name, "curation", [*base, *flags], out, in_process=in_process,
-                        max_requeues=opts.max_requeues)  # fmt: skip
+        return StageJob(
+            name,
+            "curation",
+            [*base, *flags],
+            out,
+            in_process=in_process,
+            max_requeues=opts.max_requeues,
+        )
 
     plan: list[PlannedJob] = []
     if cfg.bootstrap.enabled:

@@ -81,10 +81,15 @@ class TaskPlace:
             return cls(f"pid{os.getpid()}", 0, 0, 1, 1, "127.0.0.1", 0, "none")
         hosts = list(env.hostnames) or [socket.gethostname()]
         return cls(
-            job_id=str(env.job_id), rank=env.global_rank, local_rank=env.local_rank,
-            world_size=env.num_tasks, num_nodes=env.num_nodes, master_addr=hosts[0],
-            restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), cluster=env.cluster,
-        )  # fmt: skip
+            job_id=str(env.job_id),
+            rank=env.global_rank,
+            local_rank=env.local_rank,
+            world_size=env.num_tasks,
+            num_nodes=env.num_nodes,
+            master_addr=hosts[0],
+            restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            cluster=env.cluster,
+        )
 
     def master_port(self) -> int:
         """Same on every task of an attempt without talking; a new one after each requeue."""
@@ -177,8 +182,15 @@ class StageJob(Checkpointable):
             self.out_dir, self.name, place, shlex.join(self.command)
         )
         log_dir = Path(start["log_dir"])
-        logger.info("%s attempt %d (job %s, rank %d/%d): %s", self.name, start["attempt"],
-                    place.job_id, place.rank, place.world_size, shlex.join(self.command))  # fmt: skip
+        logger.info(
+            "%s attempt %d (job %s, rank %d/%d): %s",
+            self.name,
+            start["attempt"],
+            place.job_id,
+            place.rank,
+            place.world_size,
+            shlex.join(self.command),
+        )
         try:
             if self.in_process:
                 rc = self._run_in_process(place)
@@ -203,10 +215,16 @@ class StageJob(Checkpointable):
             )
         end_attempt(self.out_dir, start, "completed", returncode=0)
         return {
-            "name": self.name, "module": self.module, "out_dir": str(self.out_dir),
-            "job_id": place.job_id, "rank": place.rank, "world_size": place.world_size,
-            "attempt": start["attempt"], "returncode": 0, "log_dir": str(log_dir),
-        }  # fmt: skip
+            "name": self.name,
+            "module": self.module,
+            "out_dir": str(self.out_dir),
+            "job_id": place.job_id,
+            "rank": place.rank,
+            "world_size": place.world_size,
+            "attempt": start["attempt"],
+            "returncode": 0,
+            "log_dir": str(log_dir),
+        }
 
     def _child_env(self, place: TaskPlace) -> dict[str, str]:
         from launch.cluster import pythonpath
@@ -242,14 +260,22 @@ class StageJob(Checkpointable):
         out_path, err_path = log_dir / f"rank{place.rank}.out", log_dir / f"rank{place.rank}.err"
         with open(out_path, "ab") as out_f, open(err_path, "ab") as err_f:
             self._proc = subprocess.Popen(
-                self.command, env=self._child_env(place), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, preexec_fn=_child_preexec,
-            )  # fmt: skip
+                self.command,
+                env=self._child_env(place),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_child_preexec,
+            )
             own_out, own_err = (getattr(s, "buffer", None) for s in (sys.stdout, sys.stderr))
             tees = [
-                threading.Thread(target=_tee, args=(self._proc.stdout, [out_f, own_out]), daemon=True),
-                threading.Thread(target=_tee, args=(self._proc.stderr, [err_f, own_err]), daemon=True),
-            ]  # fmt: skip
+                threading.Thread(
+                    target=_tee, args=(self._proc.stdout, [out_f, own_out]), daemon=True
+                ),
+                threading.Thread(
+                    target=_tee, args=(self._proc.stderr, [err_f, own_err]), daemon=True
+                ),
+            ]
             for t in tees:
                 t.start()
             with self._signals_watched():
@@ -278,8 +304,12 @@ class StageJob(Checkpointable):
                 time.sleep(0.05)
         if not self._stop_signal:
             return
-        logger.warning("%s: stopped by %s (child exit %d); waiting for SLURM to requeue or end "
-                       "this attempt", self.name, self._stop_signal, rc)  # fmt: skip
+        logger.warning(
+            "%s: stopped by %s (child exit %d); waiting for SLURM to requeue or end this attempt",
+            self.name,
+            self._stop_signal,
+            rc,
+        )
         if self._attempt is not None:  # SLURM's SIGKILL may come next: write the record now
             end_attempt(
                 self.out_dir, self._attempt, "stopped", signal=self._stop_signal, returncode=rc

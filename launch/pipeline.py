@@ -103,8 +103,13 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
         plan += curate_plan
         last, train_data = plan[-1].name, curation_dir / "curated"
 
-    pretrain_args = ["--config", known.pretrain_config, f"output_dir={run_dir}",
-                     f"data.train={train_data}", *routed["pretrain"]]  # fmt: skip
+    pretrain_args = [
+        "--config",
+        known.pretrain_config,
+        f"output_dir={run_dir}",
+        f"data.train={train_data}",
+        *routed["pretrain"],
+    ]
     check_pretrain_config(known.pretrain_config, pretrain_args[2:])
     pretrain_plan, _ = plan_pretrain(
         pretrain_args, opts, after=[last], validate=False, out_dir=run_dir

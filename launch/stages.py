@@ -32,8 +32,15 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[str]]:
 def _job(
     name: str, module: str, argv: Sequence[str], out_dir: Path, opts: ClusterOptions, **kw
 ) -> StageJob:
-    return StageJob(name, module, argv, out_dir, in_process=opts.cluster == "debug",
-                    max_requeues=opts.max_requeues, **kw)  # fmt: skip
+    return StageJob(
+        name,
+        module,
+        argv,
+        out_dir,
+        in_process=opts.cluster == "debug",
+        max_requeues=opts.max_requeues,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------ ingest
@@ -47,8 +54,10 @@ def ingest_out(stage_args: Sequence[str]) -> Path:
 def refuse_salt_argument(args: Sequence[str]) -> None:
     """A salt on the command line would land in jobs.jsonl, submitit files and shell histories."""
     if any(a.partition("=")[0].strip() == "patient_salt" for a in _split(args)[0]):
-        raise LaunchError("patient_salt= is not taken on the command line: set "
-                          "$MEDSSL_PATIENT_SALT or patient_salt_file=PATH")  # fmt: skip
+        raise LaunchError(
+            "patient_salt= is not taken on the command line: set "
+            "$MEDSSL_PATIENT_SALT or patient_salt_file=PATH"
+        )
 
 
 def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[PlannedJob], Path]:
@@ -102,8 +111,13 @@ def pretrain_output_dir(stage_args: Sequence[str]) -> Path:
     return Path(str(cfg.output_dir)).resolve()
 
 
-def plan_pretrain(stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (),
-                  validate: bool = True, out_dir: Path | None = None) -> tuple[list[PlannedJob], Path]:  # fmt: skip
+def plan_pretrain(
+    stage_args: Sequence[str],
+    opts: ClusterOptions,
+    after: Sequence[str] = (),
+    validate: bool = True,
+    out_dir: Path | None = None,
+) -> tuple[list[PlannedJob], Path]:
     """One job of nodes x tasks_per_node ranks (one per GPU, or per CPU slot without GPUs)."""
     out = pretrain_output_dir(stage_args) if validate else Path(out_dir or ".").resolve()
     tasks = opts.tasks_per_node or max(1, opts.gpus_per_node)
@@ -118,10 +132,18 @@ def plan_pretrain(stage_args: Sequence[str], opts: ClusterOptions, after: Sequen
 # ------------------------------------------------------------------------------------ eval
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch eval", add_help=False)
-    p.add_argument("--backbone", action="append", required=True,
-                   help="repeatable: pretraining output dirs, exports, checkpoints or 'raw'")  # fmt: skip
-    p.add_argument("--protocol", action="append", required=True,
-                   help="repeatable: knn, linear, logreg, fewshot, label_efficiency, all")  # fmt: skip
+    p.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        help="repeatable: pretraining output dirs, exports, checkpoints or 'raw'",
+    )
+    p.add_argument(
+        "--protocol",
+        action="append",
+        required=True,
+        help="repeatable: knn, linear, logreg, fewshot, label_efficiency, all",
+    )
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--val")
@@ -144,8 +166,9 @@ def backbone_label(path: str, taken: set[str]) -> str:
     return label
 
 
-def plan_eval(stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (),
-              prefix: str = "eval") -> tuple[list[PlannedJob], Path]:  # fmt: skip
+def plan_eval(
+    stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (), prefix: str = "eval"
+) -> tuple[list[PlannedJob], Path]:
     """An array over backbones x protocols, then one job that gathers OUT/results.{md,csv,json}."""
     try:
         known, rest = eval_parser().parse_known_args(list(stage_args))

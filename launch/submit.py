@@ -84,14 +84,28 @@ def submit_plan(
         jobs = _submit_one(planned, opts, dependency)
         entry = Submitted(planned.name, jobs)
         done[planned.name] = entry
-        _record(out_dir, {
-            "name": planned.name, "cluster": opts.cluster, "job_ids": entry.ids,
-            "after": planned.after, "dependency": dependency, "tasks_per_node": planned.tasks_per_node,
-            "nodes": planned.nodes, "time": time.time(), "command": command,
-            "folder": str(opts.folder),
-        })  # fmt: skip
-        logger.info("%s: %s %s%s", planned.name, "running" if sequential else "queued",
-                    ", ".join(entry.ids), f" after {dependency}" if dependency else "")  # fmt: skip
+        _record(
+            out_dir,
+            {
+                "name": planned.name,
+                "cluster": opts.cluster,
+                "job_ids": entry.ids,
+                "after": planned.after,
+                "dependency": dependency,
+                "tasks_per_node": planned.tasks_per_node,
+                "nodes": planned.nodes,
+                "time": time.time(),
+                "command": command,
+                "folder": str(opts.folder),
+            },
+        )
+        logger.info(
+            "%s: %s %s%s",
+            planned.name,
+            "running" if sequential else "queued",
+            ", ".join(entry.ids),
+            f" after {dependency}" if dependency else "",
+        )
         if sequential:
             entry.results = _flatten(wait_for(jobs))
     if wait and not sequential:

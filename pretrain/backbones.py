@@ -124,19 +124,35 @@ def _timm_kwargs(c: dict[str, Any]) -> dict[str, Any]:
     arch = c["arch"]
     overlay: dict[str, Any] = {"input_size": [c["in_chans"], c["img_size"], c["img_size"]]}
     if arch in RESNET_FEATURES:
-        return {"model_name": arch, "pretrained": False, "num_classes": 0,
-                "in_chans": c["in_chans"], "pretrained_cfg_overlay": overlay}  # fmt: skip
+        return {
+            "model_name": arch,
+            "pretrained": False,
+            "num_classes": 0,
+            "in_chans": c["in_chans"],
+            "pretrained_cfg_overlay": overlay,
+        }
     dim, depth, heads = VIT_SIZES[arch]
     overlay["fixed_input_size"] = not c["dynamic_img_size"]
     return {
         "model_name": SWIGLU_MODEL_NAME if c["swiglu"] else f"{arch}_patch16_224",
-        "pretrained": False, "num_classes": 0, "global_pool": "token", "class_token": True,
-        "no_embed_class": False, "img_size": c["img_size"], "patch_size": c["patch_size"],
-        "in_chans": c["in_chans"], "embed_dim": dim, "depth": depth, "num_heads": heads,
-        "mlp_ratio": swiglu_mlp_ratio(dim) if c["swiglu"] else 4.0, "qkv_bias": c["qkv_bias"],
-        "init_values": c["layerscale"], "reg_tokens": c["reg_tokens"],
-        "dynamic_img_size": c["dynamic_img_size"], "pretrained_cfg_overlay": overlay,
-    }  # fmt: skip
+        "pretrained": False,
+        "num_classes": 0,
+        "global_pool": "token",
+        "class_token": True,
+        "no_embed_class": False,
+        "img_size": c["img_size"],
+        "patch_size": c["patch_size"],
+        "in_chans": c["in_chans"],
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+        "mlp_ratio": swiglu_mlp_ratio(dim) if c["swiglu"] else 4.0,
+        "qkv_bias": c["qkv_bias"],
+        "init_values": c["layerscale"],
+        "reg_tokens": c["reg_tokens"],
+        "dynamic_img_size": c["dynamic_img_size"],
+        "pretrained_cfg_overlay": overlay,
+    }
 
 
 def build_backbone(cfg: Mapping | DictConfig) -> nn.Module:
@@ -230,14 +246,24 @@ def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None 
     _check_keys_match(kwargs, state, f"export to {out_dir}")
     is_vit = c["arch"] in VIT_SIZES
     info: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "arch": c["arch"], "img_size": c["img_size"],
-        "in_chans": c["in_chans"], "patch_size": c["patch_size"] if is_vit else None,
-        "num_features": int(model.num_features), "reg_tokens": c["reg_tokens"] if is_vit else 0,
-        "layerscale": c["layerscale"] if is_vit else None, "swiglu": c["swiglu"] and is_vit,
-        "qkv_bias": c["qkv_bias"], "dynamic_img_size": c["dynamic_img_size"],
-        "channels": c["in_chans"], "mean": None, "std": None, "window": None, "source": None,
+        "format_version": FORMAT_VERSION,
+        "arch": c["arch"],
+        "img_size": c["img_size"],
+        "in_chans": c["in_chans"],
+        "patch_size": c["patch_size"] if is_vit else None,
+        "num_features": int(model.num_features),
+        "reg_tokens": c["reg_tokens"] if is_vit else 0,
+        "layerscale": c["layerscale"] if is_vit else None,
+        "swiglu": c["swiglu"] and is_vit,
+        "qkv_bias": c["qkv_bias"],
+        "dynamic_img_size": c["dynamic_img_size"],
+        "channels": c["in_chans"],
+        "mean": None,
+        "std": None,
+        "window": None,
+        "source": None,
         "timm_version": timm.__version__,
-    }  # fmt: skip
+    }
     for key, value in (meta or {}).items():
         if key in ARCH_META_KEYS and value != info[key]:
             raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
@@ -299,7 +325,9 @@ def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
         with torch.device("meta"):
             model = timm.create_model(**{**kwargs, "pretrained": False})
         model.load_state_dict(state, strict=True, assign=True)
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers
+        if any(
+            t.is_meta for t in (*model.parameters(), *model.buffers())
+        ):  # non-persistent buffers
             model = timm.create_model(**{**kwargs, "pretrained": False})
             model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -392,9 +420,13 @@ def vit_intermediate_features(
         if not model.has_class_token:
             raise ValueError("vit_intermediate_features needs a ViT with a class token")
         outs = model.forward_intermediates(
-            x, indices=n_last_blocks, return_prefix_tokens=True, norm=True,
-            output_fmt="NLC", intermediates_only=True,
-        )  # fmt: skip
+            x,
+            indices=n_last_blocks,
+            return_prefix_tokens=True,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
         return [(prefix[:, 0], patches) for patches, prefix in outs]
     if n_last_blocks != 1:
         raise ValueError(f"{type(model).__name__} is not a ViT: only n_last_blocks=1 is supported")

@@ -220,8 +220,10 @@ def choose_resume(
                 target = _move_aside(exc.path, aside)
                 logger.warning(
                     "train.resume=fresh: moved unreadable checkpoint %s (%s) to %s",
-                    exc.path.name, exc.reason, target,
-                )  # fmt: skip
+                    exc.path.name,
+                    exc.reason,
+                    target,
+                )
             logger.warning("train.resume=fresh: no readable checkpoint; starting at step 0")
             return None
         listing = "".join(f"\n  {exc.path.name}: {exc.reason}" for exc in bad)
@@ -235,8 +237,10 @@ def choose_resume(
     for exc in bad:
         logger.warning(
             "skipping unreadable checkpoint %s: %s; resuming from the older %s",
-            exc.path.name, exc.reason, path.name,
-        )  # fmt: skip
+            exc.path.name,
+            exc.reason,
+            path.name,
+        )
     if state.get("method") != method:
         raise ResumeRefused(
             f"{path} was written by method {state.get('method')!r}, not {method!r}: "
@@ -245,8 +249,9 @@ def choose_resume(
     if mode == "fresh":
         logger.info(
             "train.resume=fresh: %s is readable, so the run continues from it "
-            "(a new run from step 0 needs another output_dir)", path.name,
-        )  # fmt: skip
+            "(a new run from step 0 needs another output_dir)",
+            path.name,
+        )
     return found
 
 
@@ -293,8 +298,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         else:
             logger.warning(
                 "checkpoint has %d CUDA RNG states for %d devices; CUDA RNG not restored",
-                len(cuda_states), torch.cuda.device_count(),
-            )  # fmt: skip
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
 
 
 # ---- one run directory: checkpoints + export, resume -------------------------------------------
@@ -475,8 +481,11 @@ class RunCheckpointer:
             logger.warning(
                 "resuming with world size %d (global batch %d) from %d (%d): data position rescaled, "
                 "RNG streams reseeded; the run continues but not bit-exactly",
-                engine.world_size, engine.global_batch, data["world_size"], data["global_batch"],
-            )  # fmt: skip
+                engine.world_size,
+                engine.global_batch,
+                data["world_size"],
+                data["global_batch"],
+            )
         for key, (old, new) in _config_changes(ckpt.get("config", {}), plain(self.cfg)).items():
             logger.warning("config changed since the checkpoint: %s: %r -> %r", key, old, new)
         logger.info(

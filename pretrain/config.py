@@ -68,7 +68,9 @@ def _check_against(default: DictConfig, given: DictConfig, prefix: str, source: 
             raise ConfigError(f"{source}: config key '{path}' must be a mapping, got {g_val!r}")
         if isinstance(g_node, DictConfig):
             if d_val is not None:
-                raise ConfigError(f"{source}: config key '{path}' must be a single value, not a mapping")
+                raise ConfigError(
+                    f"{source}: config key '{path}' must be a single value, not a mapping"
+                )
             continue
         if not _compatible(d_val, g_val):
             raise ConfigError(
@@ -112,7 +114,9 @@ def load_config(
     cfg = OmegaConf.merge(*layers)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set key=value)")
+        raise ConfigError(
+            f"missing mandatory config value(s): {', '.join(missing)} (set key=value)"
+        )
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

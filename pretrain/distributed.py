@@ -125,8 +125,13 @@ def init_distributed(env: DistEnv, device: torch.device, backend: str = "auto") 
     )
     logger.info(
         "process group ready: rank %d/%d (%s, backend %s, master %s:%s)",
-        env.rank, env.world_size, env.source, backend, env.master_addr, env.master_port,
-    )  # fmt: skip
+        env.rank,
+        env.world_size,
+        env.source,
+        backend,
+        env.master_addr,
+        env.master_port,
+    )
 
 
 def cleanup_distributed() -> None:

@@ -163,9 +163,11 @@ class Engine:
             from pretrain.init_from import initialise_from
 
             self.init_report = initialise_from(
-                self.method, str(cfg.init["from"]), layout=str(cfg.init.layout),
+                self.method,
+                str(cfg.init["from"]),
+                layout=str(cfg.init.layout),
                 report_dir=cfg.output_dir if rank == 0 else None,
-            )  # fmt: skip
+            )
         n = max(self.total_steps, 1)
         self.schedules = build_engine_schedules(
             cfg.optim, n, self.steps_per_epoch, self.global_batch
@@ -189,27 +191,36 @@ class Engine:
         check_param_groups(groups, self.method)
         optim = cfg.optim
         self.optimizer = build_optimizer(
-            groups, betas=tuple(optim.betas), fused=optim.fused, device=device,
-            name=str(optim.optimizer), lars_eta=float(optim.lars_eta),
-        )  # fmt: skip
+            groups,
+            betas=tuple(optim.betas),
+            fused=optim.fused,
+            device=device,
+            name=str(optim.optimizer),
+            lars_eta=float(optim.lars_eta),
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.clip_grad = float(optim.clip_grad)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         # after wrapping: FSDP replaces parameters by sharded ones
         self.frozen_backbone = self.method.backbone_parameters() if self.heads_only_steps else []
-        self._frozen_norms = [
-            m
-            for backbone in self.method.backbone_modules()
-            if any(p.requires_grad for p in backbone.parameters())  # not DINOv2's teacher
-            for m in backbone.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ] if self.heads_only_steps else []  # fmt: skip
+        self._frozen_norms = (
+            [
+                m
+                for backbone in self.method.backbone_modules()
+                if any(p.requires_grad for p in backbone.parameters())  # not DINOv2's teacher
+                for m in backbone.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            if self.heads_only_steps
+            else []
+        )
         self._backbone_frozen = False
         if self.heads_only_steps:
             logger.info(
                 "heads-only warmup: %d backbone tensors frozen for the first %d steps",
-                len(self.frozen_backbone), self.heads_only_steps,
-            )  # fmt: skip
+                len(self.frozen_backbone),
+                self.heads_only_steps,
+            )
         self.step = 0
         self.nan_skipped = 0
         self.nan_consecutive = 0
@@ -218,11 +229,18 @@ class Engine:
         logger.info(
             "engine: %s, %d trainable params in %d groups, global batch %d (%d x %d), lr %.3g, "
             "%d steps (%d/epoch), %s, %s",
-            cfg.method, sum(p.numel() for p in self.trainable), len(groups), self.global_batch,
-            int(cfg.data.batch_size), world_size, self.schedules["lr"].max(), self.total_steps,
-            self.steps_per_epoch, self.precision,
+            cfg.method,
+            sum(p.numel() for p in self.trainable),
+            len(groups),
+            self.global_batch,
+            int(cfg.data.batch_size),
+            world_size,
+            self.schedules["lr"].max(),
+            self.total_steps,
+            self.steps_per_epoch,
+            self.precision,
             "FSDP" if self.fsdp else ("DDP" if world_size > 1 else "single process"),
-        )  # fmt: skip
+        )
 
     # ---- wrapping ------------------------------------------------------------------------------
     def _wrap(self) -> nn.Module:
@@ -288,9 +306,10 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         batch = to_device(batch, self.device)
         with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.float32,
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
-        ):  # fmt: skip
+        ):
             loss, terms = self.model(batch, state)
         self.scaler.scale(loss).backward()
         if self._backbone_frozen:
@@ -315,8 +334,11 @@ class Engine:
             self.nan_consecutive += 1
             logger.warning(
                 "step %d: non-finite %s, update skipped (%d in a row, %d total)",
-                self.step, "loss" if loss_bad else "gradient", self.nan_consecutive, self.nan_skipped,
-            )  # fmt: skip
+                self.step,
+                "loss" if loss_bad else "gradient",
+                self.nan_consecutive,
+                self.nan_skipped,
+            )
             if self.scaler.is_enabled():
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         else:

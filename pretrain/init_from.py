@@ -405,9 +405,13 @@ def initialise_from(
         _carry_mask_token(method, state.get("mask_token"), report)
     logger.info(
         "init.from %s (%s, layout %s%s): %d tensors into %s",
-        resolved, kind, chosen, " detected" if report.layout_detected else "", report.loaded,
+        resolved,
+        kind,
+        chosen,
+        " detected" if report.layout_detected else "",
+        report.loaded,
         ", ".join(report.targets),
-    )  # fmt: skip
+    )
     for key, note in report.adapted.items():
         logger.info("init.from: adapted %s: %s", key, note)
     for key, note in report.filled.items():
@@ -415,8 +419,10 @@ def initialise_from(
     if report.dropped:
         logger.info(
             "init.from: dropped %d key(s) (%s): %s",
-            len(report.dropped), LAYOUTS[chosen].drop_reason, report.dropped[:6],
-        )  # fmt: skip
+            len(report.dropped),
+            LAYOUTS[chosen].drop_reason,
+            report.dropped[:6],
+        )
     if report.other_namespaces:
         logger.info("init.from: took '%s', ignored %s", report.namespace, report.other_namespaces)
     if report.missing_kept_init:

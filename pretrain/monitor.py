@@ -228,8 +228,10 @@ class OnlineKNN:
             self.splits[split] = (subset, torch.from_numpy(labels[index]))
         logger.info(
             "online k-NN: %d train / %d test images, k=%d",
-            len(self.splits["train"][1]), len(self.splits["test"][1]), k,
-        )  # fmt: skip
+            len(self.splits["train"][1]),
+            len(self.splits["test"][1]),
+            k,
+        )
 
     @torch.no_grad()
     def _features(self, features: Callable[[Tensor], Tensor], dataset) -> Tensor:
@@ -280,9 +282,13 @@ def knn_top1(
     train_y, test_y = train_labels.cpu().numpy(), test_labels.cpu().numpy()
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     scores = knn_scores(
-        train_feats.float().cpu().numpy(), train_y, test_feats.float().cpu().numpy(),
-        ks=[k], num_classes=num_classes, temperature=temperature,
-    )[k]  # fmt: skip
+        train_feats.float().cpu().numpy(),
+        train_y,
+        test_feats.float().cpu().numpy(),
+        ks=[k],
+        num_classes=num_classes,
+        temperature=temperature,
+    )[k]
     return float((scores.argmax(axis=1) == test_y).mean())
 
 

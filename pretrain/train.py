@@ -109,17 +109,27 @@ class StepReporter:
         self.knn = None
         if int(m.knn_every) > 0:
             self.knn = OnlineKNN(
-                m.knn_train, m.knn_test, img_size=int(cfg.model.img_size), channels=cfg.data.channels,
-                window=plain(cfg.data.window), k=int(m.knn_k), max_samples=int(m.knn_max_samples),
-                batch_size=int(cfg.data.batch_size), device=device, autocast_dtype=engine.autocast_dtype,
-            )  # fmt: skip
+                m.knn_train,
+                m.knn_test,
+                img_size=int(cfg.model.img_size),
+                channels=cfg.data.channels,
+                window=plain(cfg.data.window),
+                k=int(m.knn_k),
+                max_samples=int(m.knn_max_samples),
+                batch_size=int(cfg.data.batch_size),
+                device=device,
+                autocast_dtype=engine.autocast_dtype,
+            )
         self.log_every = max(1, int(cfg.train.log_every))
         self.collapse_every = int(m.collapse_every) or self.log_every
         self.knn_every = int(m.knn_every)
         self.bar = tqdm(
-            total=engine.total_steps, initial=engine.step, desc="pretrain", dynamic_ncols=True,
+            total=engine.total_steps,
+            initial=engine.step,
+            desc="pretrain",
+            dynamic_ncols=True,
             disable=not (is_main and cfg.train.progress),
-        )  # fmt: skip
+        )
         self.tick, self.tick_step = time.perf_counter(), engine.step
 
     def _due(self, every: int) -> bool:
@@ -135,10 +145,15 @@ class StepReporter:
             now, state = time.perf_counter(), result["state"]
             record.update(self.accumulator.flush(self.device))
             record.update(
-                lr=state.lr, wd=state.wd, **state.values,
-                images_per_s=(step - self.tick_step) * engine.global_batch / max(now - self.tick, 1e-9),
-                memory_gb=_memory_gb(self.device), nan_skipped=engine.nan_skipped,
-            )  # fmt: skip
+                lr=state.lr,
+                wd=state.wd,
+                **state.values,
+                images_per_s=(step - self.tick_step)
+                * engine.global_batch
+                / max(now - self.tick, 1e-9),
+                memory_gb=_memory_gb(self.device),
+                nan_skipped=engine.nan_skipped,
+            )
             if engine.scaler.is_enabled():
                 record["grad_scale"] = engine.scaler.get_scale()
             self.tick, self.tick_step = now, step
@@ -215,12 +230,21 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
     ckpt_every, total = int(cfg.train.checkpoint_every), engine.total_steps
     while engine.step < total:
         loader = build_train_loader(
-            spec, transform, batch_size=batch_size, num_workers=int(cfg.data.num_workers),
-            seed=int(cfg.train.seed), rank=env.rank, world_size=env.world_size,
-            resampled=bool(cfg.data.resampled), shuffle_buffer=int(cfg.data.shuffle_buffer),
-            window=plain(cfg.data.window), epoch=epoch, skip_batches=batch_in_epoch, drop_last=True,
+            spec,
+            transform,
+            batch_size=batch_size,
+            num_workers=int(cfg.data.num_workers),
+            seed=int(cfg.train.seed),
+            rank=env.rank,
+            world_size=env.world_size,
+            resampled=bool(cfg.data.resampled),
+            shuffle_buffer=int(cfg.data.shuffle_buffer),
+            window=plain(cfg.data.window),
+            epoch=epoch,
+            skip_batches=batch_in_epoch,
+            drop_last=True,
             pin_memory=device.type == "cuda",
-        )  # fmt: skip
+        )
         if rng is not None:  # after building the loader, before its first batch
             restore_rng(rng)
             rng = None

@@ -185,8 +185,11 @@ def modality_jitter(preset: str, strength: float = 1.0) -> list[torch.nn.Module]
         ]
     if preset == "pathology":
         return [
-            ToChannels(3), v2.RandomVerticalFlip(), RandomRot90(), RandomHEDJitter(0.05 * strength)
-        ]  # fmt: skip
+            ToChannels(3),
+            v2.RandomVerticalFlip(),
+            RandomRot90(),
+            RandomHEDJitter(0.05 * strength),
+        ]
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 

@@ -128,9 +128,15 @@ def test_multicrop_sizes_share_one_vit():
 
 @pytest.mark.parametrize(
     "arch,dim",
-    [("vit_tiny", 192), ("vit_small", 384), ("vit_base", 768), ("vit_large", 1024),
-     ("resnet18", 512), ("resnet50", 2048)],
-)  # fmt: skip
+    [
+        ("vit_tiny", 192),
+        ("vit_small", 384),
+        ("vit_base", 768),
+        ("vit_large", 1024),
+        ("resnet18", 512),
+        ("resnet50", 2048),
+    ],
+)
 def test_num_features_per_arch(arch, dim):
     with torch.device("meta"):
         model = build_backbone(dict(arch=arch))

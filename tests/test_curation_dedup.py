@@ -127,8 +127,12 @@ def test_keeper_is_deterministic_and_prefers_more_pixels():
 def test_eval_copies_and_patients_are_removed(pool, medssl_data):
     images, _, _ = pool
     evals = medmnist(medssl_data, "pneumoniamnist", "test", 40, seed=2)
-    pool_imgs = list(images[:250]) + [evals[0], copies_of(evals[1])["crop_resize"], copies_of(evals[2])["jpeg"],
-                                      copies_of(evals[3])["downsize"]]  # fmt: skip
+    pool_imgs = list(images[:250]) + [
+        evals[0],
+        copies_of(evals[1])["crop_resize"],
+        copies_of(evals[2])["jpeg"],
+        copies_of(evals[3])["downsize"],
+    ]
     records = [
         {"key": f"p{i}", "sha256": pixel_sha256(px), "patient": None}
         for i, px in enumerate(pool_imgs)
@@ -139,8 +143,15 @@ def test_eval_copies_and_patients_are_removed(pool, medssl_data):
     ]
     eval_records[9]["patient"] = "patient-x"
     cfg = DEFAULTS.decontaminate
-    found = decontaminate(thumbs_of(pool_imgs), records, np.arange(len(pool_imgs)),
-                          [("eval", thumbs_of(evals), eval_records)], cfg, INDEX, progress=False)  # fmt: skip
+    found = decontaminate(
+        thumbs_of(pool_imgs),
+        records,
+        np.arange(len(pool_imgs)),
+        [("eval", thumbs_of(evals), eval_records)],
+        cfg,
+        INDEX,
+        progress=False,
+    )
     assert found.removed[250]["reason"] == "exact" and found.removed[250]["eval_key"] == "e0"
     for row, key in ((251, "e1"), (252, "e2"), (253, "e3")):
         assert found.removed[row]["reason"] == "copy" and found.removed[row]["eval_key"] == key

@@ -48,10 +48,19 @@ def data(medssl_data, tmp_path_factory):
     items.append(("copy-exact", px.copy(), record_for("copy-exact", px, rec["modality"])))
     planted.append((key, "copy-exact"))
     evals = medmnist(medssl_data, "pneumoniamnist", "test", 20, seed=7)
-    eval_items = [(f"eval-{i:02d}", px, record_for(f"eval-{i:02d}", px, "CR", patient="pt-9" if i == 5 else None))
-                  for i, px in enumerate(evals)]  # fmt: skip
-    contaminants = {"leak-exact": evals[0], "leak-crop": copies_of(evals[1])["crop_resize"],
-                    "leak-jpeg": copies_of(evals[2])["jpeg"]}  # fmt: skip
+    eval_items = [
+        (
+            f"eval-{i:02d}",
+            px,
+            record_for(f"eval-{i:02d}", px, "CR", patient="pt-9" if i == 5 else None),
+        )
+        for i, px in enumerate(evals)
+    ]
+    contaminants = {
+        "leak-exact": evals[0],
+        "leak-crop": copies_of(evals[1])["crop_resize"],
+        "leak-jpeg": copies_of(evals[2])["jpeg"],
+    }
     for key, px in contaminants.items():
         items.append((key, px, record_for(key, px, "CR")))
     items[3] = (items[3][0], items[3][1], {**items[3][2], "patient": "pt-9"})
@@ -74,8 +83,14 @@ def data(medssl_data, tmp_path_factory):
 
 def _overrides(data: dict, out: Path, *extra: str) -> list[str]:
     r = data["root"]
-    return [f"pool={r / 'pool'}", f"output_dir={out}", f"eval_sets=[{r / 'eval'}]", "progress=false",
-            "embed.shards_per_job=1", *extra]  # fmt: skip
+    return [
+        f"pool={r / 'pool'}",
+        f"output_dir={out}",
+        f"eval_sets=[{r / 'eval'}]",
+        "progress=false",
+        "embed.shards_per_job=1",
+        *extra,
+    ]
 
 
 def _curated(out: Path) -> dict[str, dict]:
@@ -159,8 +174,17 @@ def test_kill_after_embed_resumes_without_embedding_again(data, monkeypatch):
 
 def test_seeds_retrieve_their_modality_and_groups_embed_alone(data):
     out = data["root"] / "run-seeds"
-    cfg = load_config(DEFAULT_CONFIG, None, _overrides(data, out, f"seeds=[{data['root'] / 'seeds'}]",
-                                                       "retrieve.n_clusters=8", "retrieve.per_cluster=40"))  # fmt: skip
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        None,
+        _overrides(
+            data,
+            out,
+            f"seeds=[{data['root'] / 'seeds'}]",
+            "retrieve.n_clusters=8",
+            "retrieve.per_cluster=40",
+        ),
+    )
     run_pipeline(cfg, only_group=1)  # what one SLURM array task does
     groups = out / "embed" / "pool" / "groups"
     assert sorted(p.name for p in groups.iterdir()) == ["group-000001"]
@@ -225,9 +249,14 @@ def test_array_tasks_embed_their_group_and_global_job_refuses_missing_ones(data,
 def test_group_count_fixes_contiguous_chunks_even_beyond_the_shards(tmp_path, medssl_data):
     from curation.embed import dataset_groups, embed_group, load_embedded
 
-    write_shards(tmp_path / "pool", [(f"k{i}", px, record_for(f"k{i}", px, "CR"))
-                                     for i, px in enumerate(medmnist(medssl_data, "pneumoniamnist", "val", 9))],
-                 shard_size=3)  # fmt: skip
+    write_shards(
+        tmp_path / "pool",
+        [
+            (f"k{i}", px, record_for(f"k{i}", px, "CR"))
+            for i, px in enumerate(medmnist(medssl_data, "pneumoniamnist", "val", 9))
+        ],
+        shard_size=3,
+    )
     shards = sorted((tmp_path / "pool").glob("shard-*.tar"))
     got = dataset_groups(str(tmp_path / "pool"), shards_per_job=8, groups=5)
     assert [list(g.shards) for g in got] == [[], [shards[0]], [], [shards[1]], [shards[2]]]

@@ -31,8 +31,14 @@ def _items(px_list: list[np.ndarray], prefix: str) -> list[tuple[str, np.ndarray
 
 
 def _run(root: Path, *extra: str) -> dict:
-    overrides = [f"pool={root / 'pool'}", f"output_dir={root / 'out'}", f"eval_sets=[{root / 'eval'}]",
-                 "progress=false", "embed.shards_per_job=1", *extra]  # fmt: skip
+    overrides = [
+        f"pool={root / 'pool'}",
+        f"output_dir={root / 'out'}",
+        f"eval_sets=[{root / 'eval'}]",
+        "progress=false",
+        "embed.shards_per_job=1",
+        *extra,
+    ]
     return run_pipeline(load_config(DEFAULT_CONFIG, None, overrides))
 
 
@@ -93,8 +99,14 @@ def test_changed_setting_recomputes_downstream_only_and_says_which(medssl_data, 
     with caplog.at_level(logging.INFO, logger="curation.steps"):
         summary = _run(tmp_path, "dedup.threshold=0.97")
     cached = {s: summary["steps"][s]["cached"] for s in STEPS}
-    assert cached == {"embed": True, "exact": True, "near": False, "decontam": False, "select": False,
-                      "write": False}  # fmt: skip
+    assert cached == {
+        "embed": True,
+        "exact": True,
+        "near": False,
+        "decontam": False,
+        "select": False,
+        "write": False,
+    }
     assert "step near: recomputing: settings changed: dedup.threshold" in caplog.text
     assert "step decontam: recomputing: step near changed" in caplog.text
 

@@ -272,14 +272,25 @@ def _tiny_method(**dinov2):
     from pretrain.methods import build_method
 
     overrides = [
-        "data.train=unused", "output_dir=unused", "optim.max_steps=10", "data.channels=1",
-        "model.arch=vit_tiny", "model.patch_size=7", "model.img_size=28", "model.in_chans=1",
-        "model.layerscale=0.1", "dinov2.crops.global_crops_size=28",
-        "dinov2.crops.local_crops_size=14", "dinov2.crops.local_crops_number=3",
-        "dinov2.dino.head_n_prototypes=64", "dinov2.dino.head_hidden_dim=32",
-        "dinov2.dino.head_bottleneck_dim=16", "dinov2.ibot.head_n_prototypes=48",
-        "dinov2.ibot.head_hidden_dim=32", "dinov2.ibot.head_bottleneck_dim=16",
-    ] + [f"dinov2.{k}={v}" for k, v in dinov2.items()]  # fmt: skip
+        "data.train=unused",
+        "output_dir=unused",
+        "optim.max_steps=10",
+        "data.channels=1",
+        "model.arch=vit_tiny",
+        "model.patch_size=7",
+        "model.img_size=28",
+        "model.in_chans=1",
+        "model.layerscale=0.1",
+        "dinov2.crops.global_crops_size=28",
+        "dinov2.crops.local_crops_size=14",
+        "dinov2.crops.local_crops_number=3",
+        "dinov2.dino.head_n_prototypes=64",
+        "dinov2.dino.head_hidden_dim=32",
+        "dinov2.dino.head_bottleneck_dim=16",
+        "dinov2.ibot.head_n_prototypes=48",
+        "dinov2.ibot.head_hidden_dim=32",
+        "dinov2.ibot.head_bottleneck_dim=16",
+    ] + [f"dinov2.{k}={v}" for k, v in dinov2.items()]
     cfg = compose_config(None, overrides)
     torch.manual_seed(0)
     method = build_method(cfg)

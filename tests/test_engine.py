@@ -84,9 +84,12 @@ class EngineTestMethod(SSLMethod):
         images = batch[0]
         if self.tracing:
             EngineTestMethod.trace.append(
-                (state.step, float(sum(p.detach().sum() for p in self.student.parameters())),
-                 float(sum(p.sum() for p in self.teacher.parameters())))
-            )  # fmt: skip
+                (
+                    state.step,
+                    float(sum(p.detach().sum() for p in self.student.parameters())),
+                    float(sum(p.sum() for p in self.teacher.parameters())),
+                )
+            )
         pred = self.predictor(self.student(images))
         with torch.no_grad():
             target = self.teacher(images.flip(-1))
@@ -435,14 +438,33 @@ def test_mixed_precision_steps_on_cpu(tiny_npz, tmp_path, precision):
 
 def test_online_knn_collapse_monitor_and_curves(tiny_npz, tmp_path):
     out = tmp_path / "knn"
-    run(config(tiny_npz, out, **{
-        "monitor.knn_every": 2, "monitor.knn_train": f"{tiny_npz}:train",
-        "monitor.knn_test": f"{tiny_npz}:val", "monitor.knn_k": 5, "monitor.plot": True,
-    }))  # fmt: skip
+    run(
+        config(
+            tiny_npz,
+            out,
+            **{
+                "monitor.knn_every": 2,
+                "monitor.knn_train": f"{tiny_npz}:train",
+                "monitor.knn_test": f"{tiny_npz}:val",
+                "monitor.knn_k": 5,
+                "monitor.plot": True,
+            },
+        )
+    )
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     assert 0.0 <= records[2]["knn_top1"] <= 1.0 and "knn_top1" not in records[1]
-    for key in ("loss", "cosine", "lr", "wd", "momentum", "grad_norm", "images_per_s", "memory_gb",
-                "emb_std_ratio", "eff_rank"):  # fmt: skip
+    for key in (
+        "loss",
+        "cosine",
+        "lr",
+        "wd",
+        "momentum",
+        "grad_norm",
+        "images_per_s",
+        "memory_gb",
+        "emb_std_ratio",
+        "eff_rank",
+    ):
         assert key in records[4], key
     assert records[1]["lr"] == pytest.approx(0.002) and records[4]["lr"] < records[2]["lr"] < 0.002
     assert (out / "curves.png").stat().st_size > 10_000
@@ -589,15 +611,33 @@ def test_resume_refuses_another_methods_checkpoint_and_unknown_modes(tiny_npz, t
 
 
 def test_distributed_environment_detection(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
-                "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_JOB_ID", "SLURM_NTASKS"):  # fmt: skip
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SUBMITIT_EXECUTOR",
+        "SLURM_PROCID",
+        "SLURM_STEP_ID",
+        "SLURM_STEPID",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert du.detect_env() == du.DistEnv()
     monkeypatch.setenv("SLURM_PROCID", "0")  # inside a batch script, not an srun step: one process
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert du.detect_env().world_size == 1
-    for k, v in dict(SLURM_STEP_ID="0", SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_JOB_ID="4242",
-                     SLURM_JOB_NODELIST="gpu[03-04]", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1").items():  # fmt: skip
+    for k, v in dict(
+        SLURM_STEP_ID="0",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu[03-04]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NODEID="1",
+    ).items():
         monkeypatch.setenv(k, v)
     slurm = du.detect_env()
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr, slurm.source) == (
@@ -613,9 +653,19 @@ def test_distributed_environment_detection(monkeypatch):
     ).items():
         monkeypatch.setenv(k, v)
     torchrun = du.detect_env()  # torchrun's variables win over SLURM's
-    assert (torchrun.rank, torchrun.world_size, torchrun.master_addr, torchrun.master_port, torchrun.source) == (
-        3, 4, "10.0.0.1", 1234, "env",
-    )  # fmt: skip
+    assert (
+        torchrun.rank,
+        torchrun.world_size,
+        torchrun.master_addr,
+        torchrun.master_port,
+        torchrun.source,
+    ) == (
+        3,
+        4,
+        "10.0.0.1",
+        1234,
+        "env",
+    )
     assert du.rank_seed(0, 0) != du.rank_seed(0, 1)
 
 

@@ -194,8 +194,9 @@ def test_training_resumes_exactly_after_an_interruption(
     train, val = _rows(npz, "train", 24), _rows(npz, "val", 16)
     settings = TrainSettings(lr=1e-2, epochs=3, batch_size=8, min_epoch_samples=16, patience=9)
     straight = _adapted(backbone, "adaptformer")
-    full = train_model(straight, train, val, settings, multilabel=False, run_dir=tmp_path / "a",
-                       digest="d")  # fmt: skip
+    full = train_model(
+        straight, train, val, settings, multilabel=False, run_dir=tmp_path / "a", digest="d"
+    )
     interrupted = _adapted(backbone, "adaptformer")
     real_predict, calls = loop.predict, []
 
@@ -207,13 +208,15 @@ def test_training_resumes_exactly_after_an_interruption(
 
     monkeypatch.setattr(loop, "predict", crash_on_second_val)
     with pytest.raises(KeyboardInterrupt):
-        train_model(interrupted, train, val, settings, multilabel=False, run_dir=tmp_path / "b",
-                    digest="d")  # fmt: skip
+        train_model(
+            interrupted, train, val, settings, multilabel=False, run_dir=tmp_path / "b", digest="d"
+        )
     monkeypatch.setattr(loop, "predict", real_predict)
     assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["epoch"] == 1
     resumed_model = _adapted(backbone, "adaptformer")
-    resumed = train_model(resumed_model, train, val, settings, multilabel=False,
-                          run_dir=tmp_path / "b", digest="d")  # fmt: skip
+    resumed = train_model(
+        resumed_model, train, val, settings, multilabel=False, run_dir=tmp_path / "b", digest="d"
+    )
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for name, value in straight.trainable_state().items():
         assert torch.equal(resumed_model.trainable_state()[name], value), name
@@ -227,14 +230,28 @@ def test_unreadable_or_unwritable_checkpoint_names_the_file(backbone, medssl_dat
     corrupt.mkdir()
     (corrupt / CHECKPOINT).write_bytes(b"")  # a kill on a full disk
     with pytest.raises(FinetuneCheckpointError, match=r"corrupt/checkpoint\.pt: .*empty file"):
-        train_model(_adapted(backbone, "lora"), train, val, settings, multilabel=False,
-                    run_dir=corrupt, digest="d")  # fmt: skip
+        train_model(
+            _adapted(backbone, "lora"),
+            train,
+            val,
+            settings,
+            multilabel=False,
+            run_dir=corrupt,
+            digest="d",
+        )
     assert (corrupt / CHECKPOINT).read_bytes() == b""  # left for the operator to look at
     blocked = tmp_path / "blocked"
     (blocked / CHECKPOINT).mkdir(parents=True)  # the checkpoint cannot be written there
     with pytest.raises(FinetuneCheckpointError, match=r"blocked/checkpoint\.pt: cannot write"):
-        train_model(_adapted(backbone, "lora"), train, val, settings, multilabel=False,
-                    run_dir=blocked, digest="d")  # fmt: skip
+        train_model(
+            _adapted(backbone, "lora"),
+            train,
+            val,
+            settings,
+            multilabel=False,
+            run_dir=blocked,
+            digest="d",
+        )
     assert [p.name for p in blocked.iterdir()] == [CHECKPOINT]  # no temporary file left
 
 
@@ -259,12 +276,25 @@ def test_cli_all_with_adapt_writes_rows_and_reuses_finished_runs(medssl_data, tm
     export = export_backbone(tiny_vit(), tmp_path / "export")
     npz = medssl_data / "breastmnist.npz"
     args = [
-        "all", "--adapt", "--backbone", str(export), "--train", f"{npz}:val",
-        "--test", f"{npz}:test", "--out", str(tmp_path / "out"), "suite=[logreg]",
-        "adaptation.methods=[lora,prompt]", "adaptation.fractions=[0.1,1.0]",
-        "adaptation.seeds=[0]", "adaptation.epochs=1", "adaptation.min_epoch_samples=16",
-        "bootstrap.resamples=50", "embedding.method=pca",
-    ]  # fmt: skip
+        "all",
+        "--adapt",
+        "--backbone",
+        str(export),
+        "--train",
+        f"{npz}:val",
+        "--test",
+        f"{npz}:test",
+        "--out",
+        str(tmp_path / "out"),
+        "suite=[logreg]",
+        "adaptation.methods=[lora,prompt]",
+        "adaptation.fractions=[0.1,1.0]",
+        "adaptation.seeds=[0]",
+        "adaptation.epochs=1",
+        "adaptation.min_epoch_samples=16",
+        "bootstrap.resamples=50",
+        "embedding.method=pca",
+    ]
     assert main(args) == 0
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(doc["protocols"]) == ["logreg", "lora", "prompt"]

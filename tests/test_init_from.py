@@ -114,13 +114,22 @@ def test_dinov2_layout_registers_chunks_swiglu_prefixes(tmp_path):
     # a DINOv2 method also takes the trained iBOT mask token (kept beside its student backbone)
     model = {**VIT, **cfg}
     method = build_method(
-        compose_config(None, [
-            "method=dinov2", "data.train=unused.npz:train", "optim.max_steps=1", f"output_dir={tmp_path / 'out'}",
-            *(f"model.{k}={v}" for k, v in model.items()), "dinov2.crops.global_crops_size=16",
-            "dinov2.crops.local_crops_size=8", "dinov2.dino.head_n_prototypes=16",
-            "dinov2.dino.head_hidden_dim=16", "dinov2.dino.head_bottleneck_dim=8",
-        ])
-    )  # fmt: skip
+        compose_config(
+            None,
+            [
+                "method=dinov2",
+                "data.train=unused.npz:train",
+                "optim.max_steps=1",
+                f"output_dir={tmp_path / 'out'}",
+                *(f"model.{k}={v}" for k, v in model.items()),
+                "dinov2.crops.global_crops_size=16",
+                "dinov2.crops.local_crops_size=8",
+                "dinov2.dino.head_n_prototypes=16",
+                "dinov2.dino.head_hidden_dim=16",
+                "dinov2.dino.head_bottleneck_dim=8",
+            ],
+        )
+    )
     report = initialise_from(method, tmp_path / "d.pth")
     assert torch.equal(method.student.mask_token.mask_token, dino["mask_token"])
     assert "student.mask_token.mask_token" in report.adapted
@@ -154,9 +163,16 @@ def test_mae_pretrain_and_retfound_finetuned_layouts(tmp_path):
 def test_uni2_layout_no_embed_class_registers_layerscale(tmp_path):
     """UNI2-h: timm ViT with reg tokens, LayerScale and pos_embed without prefix rows."""
     src = timm.create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=0,
-        reg_tokens=4, no_embed_class=True, init_values=1e-5, dynamic_img_size=True,
-    )  # fmt: skip
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=0,
+        reg_tokens=4,
+        no_embed_class=True,
+        init_values=1e-5,
+        dynamic_img_size=True,
+    )
     randomised(src, 3)
     holder = Holder(reg_tokens=4, layerscale=1e-5)
     report = initialise_from(holder, save(src.state_dict(), tmp_path / "uni.bin"), layout="uni")
@@ -208,15 +224,30 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path):
 
 def mae_config(npz, out, **extra):
     base = {
-        "method": "mae", "output_dir": str(out), "data.train": f"{npz}:train",
-        "data.batch_size": 8, "data.num_workers": 0, "data.channels": 1,
-        "model.arch": "vit_tiny", "model.patch_size": 4, "model.img_size": 16,
-        "model.in_chans": 1, "optim.max_steps": 4, "optim.warmup_steps": 1,
-        "optim.base_lr": 1.5e-3, "optim.lr_reference_batch": 256, "optim.lr_scaling": "linear",
-        "optim.layer_decay": 1.0, "train.precision": "fp32", "train.checkpoint_every": 2,
-        "train.progress": False, "monitor.plot": False, "mae.decoder_depth": 1,
-        "mae.decoder_embed_dim": 32, "mae.decoder_num_heads": 2,
-    }  # fmt: skip
+        "method": "mae",
+        "output_dir": str(out),
+        "data.train": f"{npz}:train",
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.channels": 1,
+        "model.arch": "vit_tiny",
+        "model.patch_size": 4,
+        "model.img_size": 16,
+        "model.in_chans": 1,
+        "optim.max_steps": 4,
+        "optim.warmup_steps": 1,
+        "optim.base_lr": 1.5e-3,
+        "optim.lr_reference_batch": 256,
+        "optim.lr_scaling": "linear",
+        "optim.layer_decay": 1.0,
+        "train.precision": "fp32",
+        "train.checkpoint_every": 2,
+        "train.progress": False,
+        "monitor.plot": False,
+        "mae.decoder_depth": 1,
+        "mae.decoder_embed_dim": 32,
+        "mae.decoder_num_heads": 2,
+    }
     base.update(extra)
     cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
     validate(cfg)
@@ -266,17 +297,32 @@ def test_dinov2_run_started_from_a_mae_export_trains_and_exports(ramp_npz, tmp_p
     mae_encoder = load_backbone(mae_out / "export")[0].state_dict()
     out = tmp_path / "dino"
     overrides = {
-        "method": "dinov2", "output_dir": str(out), "data.train": f"{ramp_npz}:train",
-        "data.batch_size": 8, "data.num_workers": 0, "data.channels": 1,
-        "model.arch": "vit_tiny", "model.patch_size": 4, "model.img_size": 16, "model.in_chans": 1,
-        "optim.max_steps": 3, "optim.warmup_steps": 1, "train.precision": "fp32",
-        "train.progress": False, "monitor.plot": False, "train.log_every": 1,
-        "dinov2.dino.head_n_prototypes": 32, "dinov2.dino.head_hidden_dim": 64,
-        "dinov2.dino.head_bottleneck_dim": 32, "dinov2.crops.global_crops_size": 16,
-        "dinov2.crops.local_crops_size": 8, "dinov2.crops.local_crops_number": 2,
+        "method": "dinov2",
+        "output_dir": str(out),
+        "data.train": f"{ramp_npz}:train",
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.channels": 1,
+        "model.arch": "vit_tiny",
+        "model.patch_size": 4,
+        "model.img_size": 16,
+        "model.in_chans": 1,
+        "optim.max_steps": 3,
+        "optim.warmup_steps": 1,
+        "train.precision": "fp32",
+        "train.progress": False,
+        "monitor.plot": False,
+        "train.log_every": 1,
+        "dinov2.dino.head_n_prototypes": 32,
+        "dinov2.dino.head_hidden_dim": 64,
+        "dinov2.dino.head_bottleneck_dim": 32,
+        "dinov2.crops.global_crops_size": 16,
+        "dinov2.crops.local_crops_size": 8,
+        "dinov2.crops.local_crops_number": 2,
         "dinov2.freeze_last_layer_epochs": 0.0,
-        "init.from": str(mae_out / "export"), "init.heads_only_steps": 1,
-    }  # fmt: skip
+        "init.from": str(mae_out / "export"),
+        "init.heads_only_steps": 1,
+    }
     cfg = compose_config(None, [f"{k}={v}" for k, v in overrides.items()])
     validate(cfg)
     run(cfg)

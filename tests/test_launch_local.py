@@ -31,8 +31,25 @@ def _opts(argv: list[str], out: Path):
 
 
 def test_cluster_flags_are_validated_with_the_flag_named(tmp_path):
-    opts, rest = _opts(["pretrain", "--config", "r.yaml", "a.b=1", "--cluster", "slurm", "--nodes", "2",
-                        "--gpus-per-node", "8", "--partition", "gpu", "--mem-gb", "64"], tmp_path)  # fmt: skip
+    opts, rest = _opts(
+        [
+            "pretrain",
+            "--config",
+            "r.yaml",
+            "a.b=1",
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--mem-gb",
+            "64",
+        ],
+        tmp_path,
+    )
     assert rest == ["--config", "r.yaml", "a.b=1"]  # the stage's own arguments pass through
     assert (opts.nodes, opts.gpus_per_node, opts.partition, opts.mem_gb) == (2, 8, "gpu", 64.0)
     assert opts.folder == (tmp_path / "launch" / "submitit").resolve()
@@ -46,11 +63,25 @@ def test_cluster_flags_are_validated_with_the_flag_named(tmp_path):
 
 
 def test_task_place_exports_torchrun_variables_and_a_shared_port():
-    place = TaskPlace("4242", rank=3, local_rank=1, world_size=4, num_nodes=2, master_addr="gpu03",
-                      restart_count=0, cluster="slurm")  # fmt: skip
+    place = TaskPlace(
+        "4242",
+        rank=3,
+        local_rank=1,
+        world_size=4,
+        num_nodes=2,
+        master_addr="gpu03",
+        restart_count=0,
+        cluster="slurm",
+    )
     env = place.dist_env()
-    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "gpu03", "MASTER_PORT": env["MASTER_PORT"]}  # fmt: skip
+    assert env == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "gpu03",
+        "MASTER_PORT": env["MASTER_PORT"],
+    }
     other_rank = TaskPlace("4242", 0, 0, 4, 2, "gpu03", 0, "slurm")
     requeued = TaskPlace("4242", 3, 1, 4, 2, "gpu03", 1, "slurm")
     assert other_rank.master_port() == place.master_port()  # every task agrees without talking
@@ -105,8 +136,12 @@ def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
     """SLURM's SIGTERM (requeue, preemption) reaches both the task process and its child: the
     attempt is recorded as stopped and no failure is reported for the stage."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, str(REPO), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, str(REPO), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not any(r["event"] == "start" for r in read_attempts(out)):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
@@ -126,8 +161,17 @@ def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
 
 def test_cli_refuses_a_bad_pretrain_config_before_submitting(tmp_path, capsys):
     out = tmp_path / "run"
-    code = launch_main(["pretrain", f"output_dir={out}", f"data.train={tmp_path}/x.npz:train",
-                        "optim.max_steps=1", "optim.bogus=1", "--cluster", "slurm"])  # fmt: skip
+    code = launch_main(
+        [
+            "pretrain",
+            f"output_dir={out}",
+            f"data.train={tmp_path}/x.npz:train",
+            "optim.max_steps=1",
+            "optim.bogus=1",
+            "--cluster",
+            "slurm",
+        ]
+    )
     assert code == 2
     assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
     assert not out.exists()  # nothing queued, nothing written
@@ -136,11 +180,23 @@ def test_cli_refuses_a_bad_pretrain_config_before_submitting(tmp_path, capsys):
 def test_local_cluster_ranks_form_one_gloo_group(tmp_path, medssl_data, capsys):
     """Two local tasks -> two `python -m pretrain` ranks joined by the launcher's RANK/MASTER_*."""
     out = tmp_path / "run"
-    code = launch_main([
-        "pretrain", f"output_dir={out}", f"data.train={medssl_data / 'breastmnist.npz'}:train",
-        "model.arch=vit_tiny", "model.patch_size=4", "model.img_size=28", "model.in_chans=1",
-        "optim.max_steps=0", "train.device=cpu", "--cluster", "local", "--tasks-per-node", "2",
-    ])  # fmt: skip
+    code = launch_main(
+        [
+            "pretrain",
+            f"output_dir={out}",
+            f"data.train={medssl_data / 'breastmnist.npz'}:train",
+            "model.arch=vit_tiny",
+            "model.patch_size=4",
+            "model.img_size=28",
+            "model.in_chans=1",
+            "optim.max_steps=0",
+            "train.device=cpu",
+            "--cluster",
+            "local",
+            "--tasks-per-node",
+            "2",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0
     results = summary["results"]["pretrain"]
@@ -167,10 +223,24 @@ def test_debug_cluster_runs_the_stage_in_this_process(tmp_path, medssl_data, cap
 
 
 def _metrics_doc(accuracy: float, auroc: float) -> dict:
-    setting = {"accuracy": accuracy, "balanced_accuracy": 0.5, "auroc": auroc, "f1_macro": 0.4,
-               "accuracy_ci95": [accuracy - 0.1, accuracy + 0.1], "auroc_ci95": None, "n": 156}  # fmt: skip
-    return {"data": {"dataset": "breastmnist"},
-            "protocols": {"knn": {"best": "k=20", "settings": {"k=20": setting, "k=10": {**setting, "accuracy": 0.0}}}}}  # fmt: skip
+    setting = {
+        "accuracy": accuracy,
+        "balanced_accuracy": 0.5,
+        "auroc": auroc,
+        "f1_macro": 0.4,
+        "accuracy_ci95": [accuracy - 0.1, accuracy + 0.1],
+        "auroc_ci95": None,
+        "n": 156,
+    }
+    return {
+        "data": {"dataset": "breastmnist"},
+        "protocols": {
+            "knn": {
+                "best": "k=20",
+                "settings": {"k=20": setting, "k=10": {**setting, "accuracy": 0.0}},
+            }
+        },
+    }
 
 
 def test_eval_cells_are_gathered_into_one_table(tmp_path):
@@ -185,7 +255,9 @@ def test_eval_cells_are_gathered_into_one_table(tmp_path):
     paths = gather_eval_table(tmp_path, cells)
     rows = json.loads(Path(paths["results.json"]).read_text())
     assert [(r["backbone"], r["protocol"], r["setting"], r["accuracy"]) for r in rows] == [
-        ("runA", "knn", "k=20", 0.8125), ("raw", "knn", "k=20", 0.75)]  # fmt: skip
+        ("runA", "knn", "k=20", 0.8125),
+        ("raw", "knn", "k=20", 0.75),
+    ]
     md = Path(paths["results.md"]).read_text()
     assert "| runA | knn | k=20 | 0.8125 [0.713, 0.912] | 0.5000 | 0.9000 | 0.4000 |" in md
     assert (
@@ -215,16 +287,37 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
     recipe.write_text("method: dinov2\noptim: {max_steps: 2}\n")
     opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
     plan, out = plan_pipeline(
-        ["src1", "src2", "--out", str(tmp_path / "p"), "--pretrain-config", str(recipe),
-         "--eval-train", "x.npz:train", "--eval-test", "x.npz:test", "--baseline", "raw",
-         "--protocol", "knn", "--protocol", "linear", "--no-curate", "pretrain.optim.max_steps=5",
-         "eval.bootstrap.resamples=10", "ingest.workers=2"],
+        [
+            "src1",
+            "src2",
+            "--out",
+            str(tmp_path / "p"),
+            "--pretrain-config",
+            str(recipe),
+            "--eval-train",
+            "x.npz:train",
+            "--eval-test",
+            "x.npz:test",
+            "--baseline",
+            "raw",
+            "--protocol",
+            "knn",
+            "--protocol",
+            "linear",
+            "--no-curate",
+            "pretrain.optim.max_steps=5",
+            "eval.bootstrap.resamples=10",
+            "ingest.workers=2",
+        ],
         opts,
-    )  # fmt: skip
+    )
     assert out == (tmp_path / "p").resolve()
     assert [(p.name, p.after, len(p.calls)) for p in plan] == [
-        ("ingest", [], 1), ("pretrain", ["ingest"], 1), ("eval-cells", ["pretrain"], 4),
-        ("eval-table", ["eval-cells"], 1)]  # fmt: skip
+        ("ingest", [], 1),
+        ("pretrain", ["ingest"], 1),
+        ("eval-cells", ["pretrain"], 4),
+        ("eval-table", ["eval-cells"], 1),
+    ]
     ingest, pretrain = plan[0].calls[0], plan[1].calls[0]
     # The SRC paths travel in a private argument file, never in the job's argv or records.
     args_file = out / "shards" / "private" / "launch-ingest.args"
@@ -251,11 +344,39 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
     ]
     assert all(c.argv[-1] == "bootstrap.resamples=10" for c in cells)
     with pytest.raises(LaunchError, match="must start with one of"):
-        plan_pipeline(["s", "--out", "o", "--pretrain-config", str(recipe), "--eval-train", "a",
-                       "--eval-test", "b", "--no-curate", "optim.max_steps=5"], opts)  # fmt: skip
+        plan_pipeline(
+            [
+                "s",
+                "--out",
+                "o",
+                "--pretrain-config",
+                str(recipe),
+                "--eval-train",
+                "a",
+                "--eval-test",
+                "b",
+                "--no-curate",
+                "optim.max_steps=5",
+            ],
+            opts,
+        )
     with pytest.raises(LaunchError, match="unknown config key 'optim.bogus'"):
-        plan_pipeline(["s", "--out", "o", "--pretrain-config", str(recipe), "--eval-train", "a",
-                       "--eval-test", "b", "--no-curate", "pretrain.optim.bogus=1"], opts)  # fmt: skip
+        plan_pipeline(
+            [
+                "s",
+                "--out",
+                "o",
+                "--pretrain-config",
+                str(recipe),
+                "--eval-train",
+                "a",
+                "--eval-test",
+                "b",
+                "--no-curate",
+                "pretrain.optim.bogus=1",
+            ],
+            opts,
+        )
 
 
 def _curation_pool(medssl_data: Path, root: Path) -> tuple[Path, dict[str, str]]:
@@ -279,8 +400,10 @@ def _curation_pool(medssl_data: Path, root: Path) -> tuple[Path, dict[str, str]]
             )
     buf = io.BytesIO()
     Image.fromarray(items[4][1]).save(buf, format="JPEG", quality=70)
-    copies = {"copy-exact": (items[1][0], items[1][1].copy()),
-              "copy-jpeg": (items[4][0], np.asarray(Image.open(io.BytesIO(buf.getvalue()))))}  # fmt: skip
+    copies = {
+        "copy-exact": (items[1][0], items[1][1].copy()),
+        "copy-jpeg": (items[4][0], np.asarray(Image.open(io.BytesIO(buf.getvalue())))),
+    }
     for key, (_, px) in copies.items():
         items.insert(len(items) // 2, (key, px, record_for(key, px, "CR")))
     write_shards(root / "pool", items, shard_size=20)
@@ -292,8 +415,18 @@ def test_local_curate_runs_the_embed_array_then_the_global_job(tmp_path, medssl_
     produce curated shards in which each planted copy or its original is gone, not both."""
     pool, copies = _curation_pool(medssl_data, tmp_path)
     out = tmp_path / "curation"
-    code = launch_main(["curate", f"pool={pool}", f"output_dir={out}", "progress=false",
-                        "--embed-groups", "2", "--cluster", "local"])  # fmt: skip
+    code = launch_main(
+        [
+            "curate",
+            f"pool={pool}",
+            f"output_dir={out}",
+            "progress=false",
+            "--embed-groups",
+            "2",
+            "--cluster",
+            "local",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     summary = json.loads(captured.out)
@@ -333,13 +466,28 @@ def test_pipeline_plan_curates_between_ingest_and_pretrain(tmp_path):
     recipe.write_text("method: dinov2\noptim: {max_steps: 2}\n")
     opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
     plan, out = plan_pipeline(
-        ["src", "--out", str(tmp_path / "p"), "--pretrain-config", str(recipe), "--eval-train",
-         "x.npz:train", "--eval-test", "x.npz:test", "--embed-groups", "3", "curate.dedup.threshold=0.98"],
+        [
+            "src",
+            "--out",
+            str(tmp_path / "p"),
+            "--pretrain-config",
+            str(recipe),
+            "--eval-train",
+            "x.npz:train",
+            "--eval-test",
+            "x.npz:test",
+            "--embed-groups",
+            "3",
+            "curate.dedup.threshold=0.98",
+        ],
         opts,
-    )  # fmt: skip
+    )
     assert [(p.name, p.after, len(p.calls)) for p in plan][:4] == [
-        ("ingest", [], 1), ("curate-embed", ["ingest"], 3), ("curate-global", ["curate-embed"], 1),
-        ("pretrain", ["curate-global"], 1)]  # fmt: skip
+        ("ingest", [], 1),
+        ("curate-embed", ["ingest"], 3),
+        ("curate-global", ["curate-embed"], 1),
+        ("pretrain", ["curate-global"], 1),
+    ]
     embed, final, pretrain = plan[1].calls[2], plan[2].calls[0], plan[3].calls[0]
     base = [
         "run",
@@ -348,7 +496,7 @@ def test_pipeline_plan_curates_between_ingest_and_pretrain(tmp_path):
         "dedup.threshold=0.98",
         f"output_dir={out / 'curation'}",
     ]
-    assert embed.argv == [*base, "embed.groups=3", "--step", "embed", "--group", "2"]  # fmt: skip
+    assert embed.argv == [*base, "embed.groups=3", "--step", "embed", "--group", "2"]
     assert final.argv[-2:] == ["--step", "global"] and final.argv[:-2] == embed.argv[:-4]
     assert f"data.train={out / 'curation' / 'curated'}" in pretrain.argv
 
@@ -357,11 +505,16 @@ def test_curate_plan_trains_the_bootstrap_model_once_before_the_array(tmp_path):
     from launch.curate import plan_curate
 
     opts, _ = _opts(["curate", "--cluster", "slurm"], tmp_path)
-    plan, out = plan_curate(["pool=p", f"output_dir={tmp_path / 'c'}", "bootstrap.enabled=true",
-                             "--embed-groups", "2"], opts, after=["ingest"])  # fmt: skip
+    plan, out = plan_curate(
+        ["pool=p", f"output_dir={tmp_path / 'c'}", "bootstrap.enabled=true", "--embed-groups", "2"],
+        opts,
+        after=["ingest"],
+    )
     assert [(p.name, p.after, len(p.calls)) for p in plan] == [
-        ("curate-bootstrap", ["ingest"], 1), ("curate-embed", ["curate-bootstrap"], 2),
-        ("curate-global", ["curate-embed"], 1)]  # fmt: skip
+        ("curate-bootstrap", ["ingest"], 1),
+        ("curate-embed", ["curate-bootstrap"], 2),
+        ("curate-global", ["curate-embed"], 1),
+    ]
     assert (
         plan[0].calls[0].argv[-2:] == ["--step", "bootstrap"] and out == (tmp_path / "c").resolve()
     )

@@ -47,16 +47,33 @@ def tiny_dinov2(data: Path, out: Path, steps: int = 40) -> list[str]:
     step currently moves the RNG state that the checkpoint records (pretrain/train.py saves after
     the monitors), which makes a resumed run differ from an uninterrupted one."""
     return [
-        "method=dinov2", f"output_dir={out}", f"data.train={data / 'breastmnist.npz'}:train",
-        "data.batch_size=4", "data.num_workers=0", "data.samples_per_epoch=64",
-        "model.arch=vit_tiny", "model.patch_size=4", "model.img_size=16", "model.in_chans=1",
-        f"optim.max_steps={steps}", "optim.warmup_steps=2", "optim.lr_reference_batch=8",
-        "train.precision=fp32", "train.checkpoint_every=2", "train.keep_last=2",
-        "train.log_every=1000", "monitor.collapse_every=1000", "train.progress=false", "monitor.plot=false",
-        "dinov2.crops.global_crops_size=16", "dinov2.crops.local_crops_size=8",
-        "dinov2.crops.local_crops_number=2", "dinov2.dino.head_n_prototypes=64",
-        "dinov2.dino.head_hidden_dim=64", "dinov2.dino.head_bottleneck_dim=32",
-    ]  # fmt: skip
+        "method=dinov2",
+        f"output_dir={out}",
+        f"data.train={data / 'breastmnist.npz'}:train",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.samples_per_epoch=64",
+        "model.arch=vit_tiny",
+        "model.patch_size=4",
+        "model.img_size=16",
+        "model.in_chans=1",
+        f"optim.max_steps={steps}",
+        "optim.warmup_steps=2",
+        "optim.lr_reference_batch=8",
+        "train.precision=fp32",
+        "train.checkpoint_every=2",
+        "train.keep_last=2",
+        "train.log_every=1000",
+        "monitor.collapse_every=1000",
+        "train.progress=false",
+        "monitor.plot=false",
+        "dinov2.crops.global_crops_size=16",
+        "dinov2.crops.local_crops_size=8",
+        "dinov2.crops.local_crops_number=2",
+        "dinov2.dino.head_n_prototypes=64",
+        "dinov2.dino.head_hidden_dim=64",
+        "dinov2.dino.head_bottleneck_dim=32",
+    ]
 
 
 def _cluster(cmd: str) -> subprocess.CompletedProcess:
@@ -114,13 +131,23 @@ def runs(slurm_cluster, medssl_data, tmp_path_factory):
         jobs[name] = submit_plan(plan, _opts(outs[name]), outs[name])[0].jobs
     # The acceptance path: the CLI queues the job and prints its id; then a plain scontrol requeue.
     cli = [
-        "pretrain", *tiny_dinov2(medssl_data, outs["requeued"]), "--cluster", "slurm",
-        "--timeout-min", "15", "--max-requeues", "2",
-    ]  # fmt: skip
+        "pretrain",
+        *tiny_dinov2(medssl_data, outs["requeued"]),
+        "--cluster",
+        "slurm",
+        "--timeout-min",
+        "15",
+        "--max-requeues",
+        "2",
+    ]
     printed = subprocess.run(
-        [sys.executable, "-m", "launch", *cli], capture_output=True, text=True, cwd=REPO, timeout=300,
+        [sys.executable, "-m", "launch", *cli],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
     assert printed.returncode == 0, printed.stderr
     requeue_id = json.loads(printed.stdout)["jobs"]["pretrain"][0]
     import submitit
@@ -132,21 +159,48 @@ def runs(slurm_cluster, medssl_data, tmp_path_factory):
     npz = medssl_data / "breastmnist.npz"
     outs["eval"] = root / "eval"
     eval_plan, _ = plan_eval(
-        ["--backbone", "raw", "--protocol", "knn", "--protocol", "fewshot", "--train", f"{npz}:train",
-         "--test", f"{npz}:test", "--out", str(outs["eval"]), "bootstrap.resamples=20",
-         "raw_baseline=[]", "fewshot.episodes=5"],
+        [
+            "--backbone",
+            "raw",
+            "--protocol",
+            "knn",
+            "--protocol",
+            "fewshot",
+            "--train",
+            f"{npz}:train",
+            "--test",
+            f"{npz}:test",
+            "--out",
+            str(outs["eval"]),
+            "bootstrap.resamples=20",
+            "raw_baseline=[]",
+            "fewshot.episodes=5",
+        ],
         _opts(outs["eval"]),
-    )  # fmt: skip
+    )
     eval_jobs = submit_plan(eval_plan, _opts(outs["eval"]), outs["eval"])
     jobs["eval-cells"], jobs["eval-table"] = eval_jobs[0].jobs, eval_jobs[1].jobs
 
     failing = root / "failing"  # `--wait` blocks until the job ends: collected after the interrupts
     failing_cli = subprocess.Popen(
-        [sys.executable, "-m", "launch", "ingest", str(root / "no_such_source"), "--out", str(failing),
-         "--cluster", "slurm", "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "launch",
+            "ingest",
+            str(root / "no_such_source"),
+            "--out",
+            str(failing),
+            "--cluster",
+            "slurm",
+            "--wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
 
     _await_checkpoint(outs["preempted"])
     jobs["preempted"][0]._interrupt()  # SIGTERM then USR2, as SLURM preemption does

@@ -33,24 +33,35 @@ COMMON = ["train.checkpoint_every=1000", "train.progress=false", "monitor.plot=f
 # simclr: 20 steps of 64 images: 0.6891 -> 0.7772 (~60 s).
 RUNS = {
     "dinov2": (
-        "dinov2_cpu", 90,
+        "dinov2_cpu",
+        90,
         ["optim.warmup_steps=10", "data.batch_size=16", "dinov2.crops.local_crops_number=2"],
-        {"dino", "ibot", "koleo"}, 0.005,
+        {"dino", "ibot", "koleo"},
+        0.005,
     ),
     "mae": ("mae_cpu", 300, ["optim.warmup_steps=20"], {"mask_ratio"}, 0.02),
     "simclr": (
-        "simclr_cpu", 20, ["optim.warmup_steps=5", "data.batch_size=64"], {"positive_cosine"}, 0.03
+        "simclr_cpu",
+        20,
+        ["optim.warmup_steps=5", "data.batch_size=64"],
+        {"positive_cosine"},
+        0.03,
     ),
-}  # fmt: skip
+}
 KNN_TRAIN = 1500  # train images used as k-NN memory (all 624 test images are queried)
 
 
 def _pretrain(recipe: str, data: Path, out: Path, *overrides: str) -> None:
     cmd = [
-        sys.executable, "-m", "pretrain",
-        "--config", str(REPO / "pretrain" / "configs" / f"{recipe}.yaml"),
-        f"data.train={data}:train", f"output_dir={out}", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        str(REPO / "pretrain" / "configs" / f"{recipe}.yaml"),
+        f"data.train={data}:train",
+        f"output_dir={out}",
+        *overrides,
+    ]
     # Passive OpenMP waiting: on a shared 2-core machine spinning threads cost 4x.
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -145,8 +145,9 @@ def _hits(data: bytes, phi: set[str]) -> list[str]:
 
 
 def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return proc
 
@@ -163,8 +164,9 @@ def hospital(medssl_data, tmp_path_factory):
         phi |= _phi_file(medssl_data / "dicom" / name, dst, n, PATIENT, MRN)
         phi |= {series.name, dst.name, dst.stem}
     burned = root / f"{OTHER_PATIENT}_MRN{OTHER_MRN}" / f"US {OTHER_PATIENT}.dcm"
-    phi |= _phi_file(medssl_data / "dicom" / "US1_UNCR.dcm", burned, 9, OTHER_PATIENT,
-                     OTHER_MRN, burned_in=True)  # fmt: skip
+    phi |= _phi_file(
+        medssl_data / "dicom" / "US1_UNCR.dcm", burned, 9, OTHER_PATIENT, OTHER_MRN, burned_in=True
+    )
     phi |= {patient_dir.name, burned.parent.name, burned.name}
     return root, phi, burned
 
@@ -178,17 +180,66 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
     env = {**os.environ, "MEDSSL_PATIENT_SALT": SALT, "PYTHONPATH": str(REPO)}
     pneu = medssl_data / "pneumoniamnist.npz"
     streams = [
-        _run(["curation", "ingest", str(tree), f"{pneu}:val", "--out", str(out / "shards"),
-              "--shard-size", "200"], work, env),
-        _run(["curation", "run", f"pool={out / 'shards'}", f"output_dir={out / 'cur'}",
-              f"eval_sets=[{pneu}:test]", "embed.groups=1"], work, env),
+        _run(
+            [
+                "curation",
+                "ingest",
+                str(tree),
+                f"{pneu}:val",
+                "--out",
+                str(out / "shards"),
+                "--shard-size",
+                "200",
+            ],
+            work,
+            env,
+        ),
+        _run(
+            [
+                "curation",
+                "run",
+                f"pool={out / 'shards'}",
+                f"output_dir={out / 'cur'}",
+                f"eval_sets=[{pneu}:test]",
+                "embed.groups=1",
+            ],
+            work,
+            env,
+        ),
         _run(["curation", "preview", str(out / "shards")], work, env),
         _run(["curation", "preview", str(out / "cur" / "curated")], work, env),
-        _run(["launch", "ingest", str(tree), "--out", str(out / "launched"), "--cluster", "local",
-              "progress=false"], work, env),
-        _run(["eval", "knn", "--backbone", "raw", "--train", str(out / "cur" / "curated"),
-              "--test", f"{pneu}:test", "--out", str(out / "eval"), "raw_img_size=28"], work, env),
-    ]  # fmt: skip
+        _run(
+            [
+                "launch",
+                "ingest",
+                str(tree),
+                "--out",
+                str(out / "launched"),
+                "--cluster",
+                "local",
+                "progress=false",
+            ],
+            work,
+            env,
+        ),
+        _run(
+            [
+                "eval",
+                "knn",
+                "--backbone",
+                "raw",
+                "--train",
+                str(out / "cur" / "curated"),
+                "--test",
+                f"{pneu}:test",
+                "--out",
+                str(out / "eval"),
+                "raw_img_size=28",
+            ],
+            work,
+            env,
+        ),
+    ]
     return out, streams
 
 
@@ -254,18 +305,29 @@ def _tree(root: Path, medssl_data: Path, files: dict[str, tuple[str, str]]) -> P
 
 
 def test_patient_decontamination_needs_one_site_key(medssl_data, tmp_path, monkeypatch, capsys):
-    pool = _tree(tmp_path / "pool", medssl_data, {
-        "a/1.dcm": ("CT_small.dcm", "PAT-ALPHA"), "a/2.dcm": ("MR_small.dcm", "PAT-ALPHA"),
-        "b/1.dcm": ("MR2_UNCR.dcm", "PAT-BETA"), "b/2.dcm": ("JPEG2000_UNC.dcm", "PAT-GAMMA"),
-    })  # fmt: skip
+    pool = _tree(
+        tmp_path / "pool",
+        medssl_data,
+        {
+            "a/1.dcm": ("CT_small.dcm", "PAT-ALPHA"),
+            "a/2.dcm": ("MR_small.dcm", "PAT-ALPHA"),
+            "b/1.dcm": ("MR2_UNCR.dcm", "PAT-BETA"),
+            "b/2.dcm": ("JPEG2000_UNC.dcm", "PAT-GAMMA"),
+        },
+    )
     held_out = _tree(tmp_path / "held_out", medssl_data, {"x.dcm": ("emri_small.dcm", "PAT-ALPHA")})
     monkeypatch.setenv("MEDSSL_PATIENT_SALT", "one-site-key-for-both-0001")
     for src, out in ((pool, "pool_shards"), (held_out, "eval_shards")):
         assert (
             curation_main(["ingest", str(src), "--out", str(tmp_path / out), "progress=false"]) == 0
         )
-    run = ["run", f"pool={tmp_path / 'pool_shards'}", f"eval_sets=[{tmp_path / 'eval_shards'}]",
-           "progress=false", "embed.groups=1"]  # fmt: skip
+    run = [
+        "run",
+        f"pool={tmp_path / 'pool_shards'}",
+        f"eval_sets=[{tmp_path / 'eval_shards'}]",
+        "progress=false",
+        "embed.groups=1",
+    ]
     assert curation_main([*run, f"output_dir={tmp_path / 'cur'}"]) == 0
     summary = json.loads((tmp_path / "cur" / "summary.json").read_text())
     assert summary["steps"]["decontam"]["removed_by"].get("patient") == 2  # PAT-ALPHA's two images
@@ -280,8 +342,10 @@ def test_patient_decontamination_needs_one_site_key(medssl_data, tmp_path, monke
         [*run[:2], f"eval_sets=[{other}]", *run[3:], f"output_dir={tmp_path / 'c2'}"]
     )
     err = capsys.readouterr().err
-    fingerprints = {json.loads(next((d / "manifest.jsonl").open()))["key_fingerprint"]
-                    for d in (tmp_path / "pool_shards", other)}  # fmt: skip
+    fingerprints = {
+        json.loads(next((d / "manifest.jsonl").open()))["key_fingerprint"]
+        for d in (tmp_path / "pool_shards", other)
+    }
     assert code == 2 and len(fingerprints) == 2
     assert all(fp in err for fp in fingerprints) and "different site keys" in err
     # A re-run of an ingest with another key is refused too, naming both fingerprints.
@@ -355,9 +419,11 @@ def test_links_are_named_and_transient_rejections_retried(medssl_data, tmp_path,
     assert curation_main(args) == 0
     reasons = {r["source"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").open())}
     assert reasons == {
-        "src/linked_folder": reasons["src/linked_folder"], "src/loop": "symbolic link loop",
-        "src/dangling": reasons["src/dangling"], "src/locked.dcm": "cannot open: Permission denied",
-    }  # fmt: skip
+        "src/linked_folder": reasons["src/linked_folder"],
+        "src/loop": "symbolic link loop",
+        "src/dangling": reasons["src/dangling"],
+        "src/locked.dcm": "cannot open: Permission denied",
+    }
     assert "symbolic link to a folder" in reasons["src/linked_folder"]
     assert "cannot open" in reasons["src/dangling"]
     (tmp_path / "served").touch()

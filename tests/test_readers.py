@@ -68,8 +68,18 @@ def test_dicom_record_fields(medssl_data):
     assert mr["bits"] == 12 and mr["modality"] == "MR"
     emri = read_image_file(dcm(medssl_data, "emri_small.dcm"))
     assert emri[0].record["pixel"]["window_center"] is None  # MR without tags: percentile later
-    allowed = {"modality", "photometric", "bits", "channels", "height", "width",
-               "index_in_source", "n_in_source", "patient", "pixel"}  # fmt: skip
+    allowed = {
+        "modality",
+        "photometric",
+        "bits",
+        "channels",
+        "height",
+        "width",
+        "index_in_source",
+        "n_in_source",
+        "patient",
+        "pixel",
+    }
     assert set(ct) == allowed
 
 
@@ -190,8 +200,10 @@ def test_multipage_tiff_gives_one_sample_per_page(tmp_path):
     images = read_image_file(tmp_path / "pages.tif")
     assert [int(i.pixels[0, 0]) for i in images] == [10, 20, 30]
     assert [(i.record["index_in_source"], i.record["n_in_source"]) for i in images] == [
-        (0, 3), (1, 3), (2, 3)
-    ]  # fmt: skip
+        (0, 3),
+        (1, 3),
+        (2, 3),
+    ]
 
 
 def test_bad_rasters_name_file_and_reason(medssl_data, tmp_path):

@@ -81,10 +81,17 @@ def test_lr_scaling_rules_and_steps_from_epochs():
 
 def _optim_cfg(**kw):
     base = dict(
-        max_steps=-1, epochs=2, base_lr=0.004, lr_reference_batch=1024, lr_scaling="sqrt",
-        min_lr=1e-6, warmup_steps=None, warmup_epochs=1.0, weight_decay=0.04,
+        max_steps=-1,
+        epochs=2,
+        base_lr=0.004,
+        lr_reference_batch=1024,
+        lr_scaling="sqrt",
+        min_lr=1e-6,
+        warmup_steps=None,
+        warmup_epochs=1.0,
+        weight_decay=0.04,
         weight_decay_end=0.4,
-    )  # fmt: skip
+    )
     return OmegaConf.create({**base, **kw})
 
 
@@ -145,8 +152,14 @@ def test_param_groups_layer_decay_and_no_weight_decay_rules():
     # weight decay only on >1-D weights that are not tokens / position embeddings
     assert group("blocks.1.attn.qkv.weight")["wd_multiplier"] == 1.0
     assert group("patch_embed.proj.weight")["wd_multiplier"] == 1.0
-    for name in ("blocks.1.attn.qkv.bias", "blocks.1.norm1.weight", "norm.bias", "pos_embed",
-                 "cls_token", "reg_token"):  # fmt: skip
+    for name in (
+        "blocks.1.attn.qkv.bias",
+        "blocks.1.norm1.weight",
+        "norm.bias",
+        "pos_embed",
+        "cls_token",
+        "reg_token",
+    ):
         assert group(name)["wd_multiplier"] == 0.0, name
     assert not any(g["is_last_layer"] for g in groups)
 

@@ -59,9 +59,12 @@ def _free_ports(n: int) -> list[int]:
 
 def _gather_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: str):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     du.init_distributed(du.detect_env(), torch.device("cpu"), "gloo")
     b = z1.shape[0] // world
@@ -96,9 +99,13 @@ def test_lars_update_rule_by_hand_and_no_adaptation_for_biases_and_norms():
     model = nn.Sequential(lin, norm)
     groups = param_groups_lrd(model, num_layers=0)
     opt = build_optimizer(
-        groups, betas=(0.9, 0.999), fused=None, device=torch.device("cpu"), name="lars",
+        groups,
+        betas=(0.9, 0.999),
+        fused=None,
+        device=torch.device("cpu"),
+        name="lars",
         lars_eta=0.001,
-    )  # fmt: skip
+    )
     assert isinstance(opt, LARS)
     for group in opt.param_groups:
         assert group["lars_adapt"] == (group["wd_multiplier"] != 0)
@@ -137,16 +144,34 @@ def test_projection_head_v2_layout():
 
 def simclr_config(npz, out, **extra):
     base = {
-        "method": "simclr", "output_dir": str(out), "data.train": f"{npz}:train",
-        "data.batch_size": 8, "data.num_workers": 0, "data.channels": 1,
-        "model.arch": "resnet18", "model.img_size": 16, "model.in_chans": 1,
-        "optim.optimizer": "lars", "optim.max_steps": 4, "optim.warmup_steps": 1,
-        "optim.base_lr": 0.3, "optim.lr_reference_batch": 256, "optim.lr_scaling": "linear",
-        "optim.weight_decay": 1e-6, "optim.weight_decay_end": 1e-6, "optim.clip_grad": 0.0,
-        "optim.layer_decay": 1.0, "train.precision": "fp32", "train.checkpoint_every": 2,
-        "train.log_every": 1, "train.progress": False, "monitor.plot": False,
-        "simclr.proj_hidden_dim": 32, "simclr.proj_out_dim": 16, "simclr.crop_scale": "[0.3,1.0]",
-    }  # fmt: skip
+        "method": "simclr",
+        "output_dir": str(out),
+        "data.train": f"{npz}:train",
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.channels": 1,
+        "model.arch": "resnet18",
+        "model.img_size": 16,
+        "model.in_chans": 1,
+        "optim.optimizer": "lars",
+        "optim.max_steps": 4,
+        "optim.warmup_steps": 1,
+        "optim.base_lr": 0.3,
+        "optim.lr_reference_batch": 256,
+        "optim.lr_scaling": "linear",
+        "optim.weight_decay": 1e-6,
+        "optim.weight_decay_end": 1e-6,
+        "optim.clip_grad": 0.0,
+        "optim.layer_decay": 1.0,
+        "train.precision": "fp32",
+        "train.checkpoint_every": 2,
+        "train.log_every": 1,
+        "train.progress": False,
+        "monitor.plot": False,
+        "simclr.proj_hidden_dim": 32,
+        "simclr.proj_out_dim": 16,
+        "simclr.crop_scale": "[0.3,1.0]",
+    }
     base.update(extra)
     cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
     validate(cfg)
@@ -187,9 +212,10 @@ def test_heads_only_warmup_keeps_batchnorm_statistics_and_skips_backbone_grads(r
     """A frozen ResNet stays frozen: running BN statistics as loaded, no backbone gradient."""
     run(simclr_config(ramp_npz, tmp_path / "src", **{"optim.max_steps": 0}))
     cfg = simclr_config(
-        ramp_npz, tmp_path / "run",
+        ramp_npz,
+        tmp_path / "run",
         **{"init.from": tmp_path / "src" / "export", "init.heads_only_steps": 2},
-    )  # fmt: skip
+    )
     engine = Engine(cfg, device=torch.device("cpu"))
     backbone = engine.method.backbone
     start = {k: v.clone() for k, v in backbone.state_dict().items()}

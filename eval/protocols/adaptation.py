@@ -77,13 +77,21 @@ class ImageSource:
 def _settings(ctx: EvalContext, method: str, seed: int) -> TrainSettings:
     a, m = ctx.cfg.adaptation, ctx.cfg[method]
     return TrainSettings(
-        lr=float(m.lr), epochs=int(a.epochs), batch_size=int(a.batch_size),
-        weight_decay=float(a.weight_decay), warmup_epochs=float(a.warmup_epochs),
-        min_lr=float(a.min_lr), layer_decay=float(m.layer_decay) if method == "finetune" else 1.0,
-        patience=int(a.patience), min_epoch_samples=int(a.min_epoch_samples),
-        balanced=bool(a.balanced_sampling), bf16=bool(a.bf16), num_workers=int(ctx.cfg.num_workers),
-        seed=seed, device=ctx.device,
-    )  # fmt: skip
+        lr=float(m.lr),
+        epochs=int(a.epochs),
+        batch_size=int(a.batch_size),
+        weight_decay=float(a.weight_decay),
+        warmup_epochs=float(a.warmup_epochs),
+        min_lr=float(a.min_lr),
+        layer_decay=float(m.layer_decay) if method == "finetune" else 1.0,
+        patience=int(a.patience),
+        min_epoch_samples=int(a.min_epoch_samples),
+        balanced=bool(a.balanced_sampling),
+        bf16=bool(a.bf16),
+        num_workers=int(ctx.cfg.num_workers),
+        seed=seed,
+        device=ctx.device,
+    )
 
 
 def _options(ctx: EvalContext, method: str) -> dict[str, Any]:
@@ -124,11 +132,15 @@ def train_run(
     settings, options = _settings(ctx, method, seed), _options(ctx, method)
     head_input = str(ctx.cfg.adaptation.head_input)
     digest = settings.digest(
-        {"method": method, "options": options, "backbone": ctx.extractor.fingerprint,
-         "head_input": head_input,
-         "drop_path": float(ctx.cfg.finetune.drop_path) if method == "finetune" else 0.0,
-         **digest_extra}
-    )  # fmt: skip
+        {
+            "method": method,
+            "options": options,
+            "backbone": ctx.extractor.fingerprint,
+            "head_input": head_input,
+            "drop_path": float(ctx.cfg.finetune.drop_path) if method == "finetune" else 0.0,
+            **digest_extra,
+        }
+    )
     result_path, scores_path = run_dir / RESULT, run_dir / SCORES
     if result_path.is_file() and scores_path.is_file():
         info = json.loads(result_path.read_text())
@@ -143,17 +155,29 @@ def train_run(
     except AdapterError as exc:
         raise EvalError(f"{method}: {exc}") from exc
     outcome = train_model(
-        model, fit, val, settings, multilabel=ctx.multilabel, run_dir=run_dir, digest=digest,
+        model,
+        fit,
+        val,
+        settings,
+        multilabel=ctx.multilabel,
+        run_dir=run_dir,
+        digest=digest,
         desc=f"{method} {run_dir.name}",
-    )  # fmt: skip
+    )
     scores = predict(model, test, settings, ctx.multilabel, "test")
     info = {
-        "digest": digest, "method": method, "seed": seed, "n_labels": len(fit),
-        **model.count(), "train_seconds": outcome.train_seconds,
-        "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run,
-        "stopped_early": outcome.stopped_early, "best_val_auroc": outcome.best_val_auroc,
+        "digest": digest,
+        "method": method,
+        "seed": seed,
+        "n_labels": len(fit),
+        **model.count(),
+        "train_seconds": outcome.train_seconds,
+        "best_epoch": outcome.best_epoch,
+        "epochs_run": outcome.epochs_run,
+        "stopped_early": outcome.stopped_early,
+        "best_val_auroc": outcome.best_val_auroc,
         "history": outcome.history,
-    }  # fmt: skip
+    }
     model.cpu()
     save_adapter(model, run_dir / "adapter", extra={"backbone_path": ctx.extractor.backbone})
     info["adapter_bytes"] = (run_dir / "adapter" / "adapter.safetensors").stat().st_size
@@ -194,10 +218,15 @@ def run_method(ctx: EvalContext, method: str) -> ProtocolResult:
             run_dir = ctx.out_dir / "adaptation" / method / f"{fraction:g}-seed{seed}"
             with thread_limit(threads):
                 scores, info = train_run(
-                    ctx, method, images.rows(subset, "train"), val_rows, test_rows, seed=seed,
+                    ctx,
+                    method,
+                    images.rows(subset, "train"),
+                    val_rows,
+                    test_rows,
+                    seed=seed,
                     run_dir=run_dir,
                     digest_extra={"fit": _keys_digest(subset), "val": _keys_digest(val)},
-                )  # fmt: skip
+                )
             runs.append(scores)
             infos.append(info)
         count = {k: infos[0][k] for k in ("trainable_params", "backbone_params", "head_params")}
@@ -211,21 +240,29 @@ def run_method(ctx: EvalContext, method: str) -> ProtocolResult:
             **count,
             "train_seconds": float(np.mean(seconds)),
             "params": {
-                "method": method, "fraction": fraction, "seeds": seeds,
-                "n_labels": [i["n_labels"] for i in infos], "lr": float(ctx.cfg[method].lr),
-                "options": _options(ctx, method), "train_seconds": seconds,
+                "method": method,
+                "fraction": fraction,
+                "seeds": seeds,
+                "n_labels": [i["n_labels"] for i in infos],
+                "lr": float(ctx.cfg[method].lr),
+                "options": _options(ctx, method),
+                "train_seconds": seconds,
                 "best_epoch": [i["best_epoch"] for i in infos],
                 "epochs_run": [i["epochs_run"] for i in infos],
                 "adapter_bytes": infos[0]["adapter_bytes"],
             },
-        }  # fmt: skip
+        }
         points.append({"fraction": fraction, "auroc": metrics["auroc"], **count})
         best_scores = runs[0]
         logger.info(
             "%s: AUROC %.3f, balanced accuracy %.3f, %d trainable (%.2f %%), %.0f s per run",
-            name, metrics["auroc"], metrics["balanced_accuracy"], count["trainable_params"],
-            100 * count["trainable_share"], np.mean(seconds),
-        )  # fmt: skip
+            name,
+            metrics["auroc"],
+            metrics["balanced_accuracy"],
+            count["trainable_params"],
+            100 * count["trainable_share"],
+            np.mean(seconds),
+        )
     return ProtocolResult(
         name=method,
         settings=settings,

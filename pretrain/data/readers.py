@@ -27,10 +27,17 @@ logger = logging.getLogger(__name__)
 NPZ_SPLITS = ("train", "val", "test")
 # DICOM first: many DICOM files carry a TIFF header in their 128-byte preamble (dual-personality).
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
-    (b"DICM", 128, "dicom"), (b"\x89PNG\r\n\x1a\n", 0, "png"), (b"\xff\xd8\xff", 0, "jpeg"),
-    (b"II*\x00", 0, "tiff"), (b"MM\x00*", 0, "tiff"), (b"II+\x00", 0, "tiff"), (b"MM\x00+", 0, "tiff"),
-    (b"BM", 0, "bmp"), (b"PK\x03\x04", 0, "npz"), (b"PK\x05\x06", 0, "npz"),
-)  # fmt: skip
+    (b"DICM", 128, "dicom"),
+    (b"\x89PNG\r\n\x1a\n", 0, "png"),
+    (b"\xff\xd8\xff", 0, "jpeg"),
+    (b"II*\x00", 0, "tiff"),
+    (b"MM\x00*", 0, "tiff"),
+    (b"II+\x00", 0, "tiff"),
+    (b"MM\x00+", 0, "tiff"),
+    (b"BM", 0, "bmp"),
+    (b"PK\x03\x04", 0, "npz"),
+    (b"PK\x05\x06", 0, "npz"),
+)
 RASTER_KINDS = ("png", "jpeg", "tiff", "bmp")
 
 
@@ -45,11 +52,22 @@ class DecodedImage:
 
 
 def make_record(
-    pixels: np.ndarray, *, modality: str, photometric: str, bits: int, index_in_source: int = 0,
-    n_in_source: int = 1, patient: str | None = None, slope: float = 1.0, intercept: float = 0.0,
-    window_center: float | None = None, window_width: float | None = None,
-    window_preset: str | None = None, invert: bool = False, **extra_pixel: Any,
-) -> dict[str, Any]:  # fmt: skip
+    pixels: np.ndarray,
+    *,
+    modality: str,
+    photometric: str,
+    bits: int,
+    index_in_source: int = 0,
+    n_in_source: int = 1,
+    patient: str | None = None,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window_center: float | None = None,
+    window_width: float | None = None,
+    window_preset: str | None = None,
+    invert: bool = False,
+    **extra_pixel: Any,
+) -> dict[str, Any]:
     """The one record layout shared by all readers (others read these names)."""
     return {
         "modality": modality,
@@ -207,10 +225,19 @@ def npz_keys(path: str | Path) -> list[str]:
 # MedMNIST files carry no modality; DICOM codes for the known ones (OP/OPT: ophthalmic photo/OCT,
 # SM: slide microscopy, XC: external camera, DX: radiograph).
 MEDMNIST_MODALITY = {
-    "breastmnist": "US", "pneumoniamnist": "DX", "chestmnist": "DX", "retinamnist": "OP",
-    "octmnist": "OPT", "dermamnist": "XC", "pathmnist": "SM", "bloodmnist": "SM",
-    "tissuemnist": "SM", "organamnist": "CT", "organcmnist": "CT", "organsmnist": "CT",
-}  # fmt: skip
+    "breastmnist": "US",
+    "pneumoniamnist": "DX",
+    "chestmnist": "DX",
+    "retinamnist": "OP",
+    "octmnist": "OPT",
+    "dermamnist": "XC",
+    "pathmnist": "SM",
+    "bloodmnist": "SM",
+    "tissuemnist": "SM",
+    "organamnist": "CT",
+    "organcmnist": "CT",
+    "organsmnist": "CT",
+}
 
 
 def npz_modality(path: str | Path, extra: dict[str, str] | None = None) -> str:
@@ -310,8 +337,14 @@ def npz_images(
     for index in range(start, len(images) if stop is None else min(stop, len(images))):
         px = np.ascontiguousarray(images[index])
         photometric = "RGB" if px.ndim == 3 else "MONOCHROME2"
-        record = make_record(px, modality=modality, photometric=photometric, bits=8 * px.itemsize,
-                             index_in_source=index, n_in_source=len(images))  # fmt: skip
+        record = make_record(
+            px,
+            modality=modality,
+            photometric=photometric,
+            bits=8 * px.itemsize,
+            index_in_source=index,
+            n_in_source=len(images),
+        )
         record.update(split=split, label=npz_label(labels, index))
         out.append(DecodedImage(px, record))
     return out

@@ -73,7 +73,9 @@ def parse_spec(spec: str | os.PathLike) -> DatasetSpec:
         file_part, split = text.rsplit(":", 1)
         path = Path(file_part)
         if split not in NPZ_SPLITS:
-            raise DatasetSpecError(f"{text}: split must be one of {'|'.join(NPZ_SPLITS)}, got '{split}'")
+            raise DatasetSpecError(
+                f"{text}: split must be one of {'|'.join(NPZ_SPLITS)}, got '{split}'"
+            )
         if not path.is_file():
             raise DatasetSpecError(f"{text}: file not found: {path}")
         _check_npz(path, split, text)
@@ -84,9 +86,7 @@ def parse_spec(spec: str | os.PathLike) -> DatasetSpec:
         shards = tuple(Path(p) for p in _expand_braces(text))
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
-            raise DatasetSpecError(
-                f"{text}: {len(missing)} shard(s) missing, first: {missing[0]}"
-            )
+            raise DatasetSpecError(f"{text}: {len(missing)} shard(s) missing, first: {missing[0]}")
         return DatasetSpec("shards", shards[0], text, shards=shards)
     path = Path(text)
     if text.endswith(".tar"):
@@ -103,4 +103,3 @@ def parse_spec(spec: str | os.PathLike) -> DatasetSpec:
     if shards:
         return DatasetSpec("shards", path, text, shards=shards)
     return DatasetSpec("folder", path, text)
-

@@ -234,20 +234,33 @@ class DINOv2(SSLMethod):
         centering = str(c.centering)
         ibot_dim = int(c.ibot.head_n_prototypes if separate else c.dino.head_n_prototypes)
         self.dino_loss = DINOLoss(
-            int(c.dino.head_n_prototypes), float(c.student_temp), float(c.center_momentum),
-            centering, int(c.sinkhorn_iterations),
-        )  # fmt: skip
-        self.ibot_loss = iBOTPatchLoss(
-            ibot_dim, float(c.student_temp), float(c.center_momentum), centering,
+            int(c.dino.head_n_prototypes),
+            float(c.student_temp),
+            float(c.center_momentum),
+            centering,
             int(c.sinkhorn_iterations),
-        )  # fmt: skip
+        )
+        self.ibot_loss = iBOTPatchLoss(
+            ibot_dim,
+            float(c.student_temp),
+            float(c.center_momentum),
+            centering,
+            int(c.sinkhorn_iterations),
+        )
         logger.info(
             "DINOv2: %s (%d features), %d prototypes, iBOT %s (%s head), KoLeo %.3g, %s, "
             "crops 2x%d + %dx%d",
-            cfg.model.arch, embed_dim, c.dino.head_n_prototypes, self.do_ibot,
-            "separate" if separate else "shared", c.dino.koleo_loss_weight, centering,
-            self.global_size, self.n_local, self.local_size,
-        )  # fmt: skip
+            cfg.model.arch,
+            embed_dim,
+            c.dino.head_n_prototypes,
+            self.do_ibot,
+            "separate" if separate else "shared",
+            c.dino.koleo_loss_weight,
+            centering,
+            self.global_size,
+            self.n_local,
+            self.local_size,
+        )
 
     # ------------------------------------------------------------------------------ mode, data
 

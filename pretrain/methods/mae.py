@@ -171,14 +171,23 @@ class MAE(SSLMethod):
         self.channels = int(cfg.model.in_chans)
         grid = self.img_size // self.patch
         self.decoder = MAEDecoder(
-            int(encoder.num_features), int(c.decoder_embed_dim), int(c.decoder_depth),
-            int(c.decoder_num_heads), grid, self.patch * self.patch * self.channels,
-        )  # fmt: skip
+            int(encoder.num_features),
+            int(c.decoder_embed_dim),
+            int(c.decoder_depth),
+            int(c.decoder_num_heads),
+            grid,
+            self.patch * self.patch * self.channels,
+        )
         logger.info(
             "MAE: %s encoder, %d/%d patches kept, decoder %d x %d, norm_pix_loss %s, pooling %s",
-            cfg.model.arch, int(grid * grid * (1 - self.mask_ratio)), grid * grid,
-            int(c.decoder_depth), int(c.decoder_embed_dim), self.norm_pix, pool,
-        )  # fmt: skip
+            cfg.model.arch,
+            int(grid * grid * (1 - self.mask_ratio)),
+            grid * grid,
+            int(c.decoder_depth),
+            int(c.decoder_embed_dim),
+            self.norm_pix,
+            pool,
+        )
 
     def build_transform(self) -> Callable:
         channels = self.cfg.data.channels or int(self.cfg.model.in_chans)
@@ -205,9 +214,11 @@ class MAE(SSLMethod):
     def param_groups(self) -> list[dict]:
         o = self.cfg.optim
         groups = param_groups_lrd(
-            self.encoder, layer_decay=float(o.layer_decay),
-            patch_embed_lr_mult=float(o.patch_embed_lr_mult), prefix="encoder.",
-        )  # fmt: skip
+            self.encoder,
+            layer_decay=float(o.layer_decay),
+            patch_embed_lr_mult=float(o.patch_embed_lr_mult),
+            prefix="encoder.",
+        )
         return groups + param_groups_lrd(self.decoder, prefix="decoder.", num_layers=0)
 
     def backbone_for_export(self) -> nn.Module:

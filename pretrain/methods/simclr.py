@@ -124,15 +124,23 @@ class SimCLR(SSLMethod):
             synced = True
         logger.info(
             "SimCLR: %s (%d features), head %d layers -> %d, temperature %.3g, SyncBN %s",
-            cfg.model.arch, dim, int(c.proj_layers), int(c.proj_out_dim), self.temperature, synced,
-        )  # fmt: skip
+            cfg.model.arch,
+            dim,
+            int(c.proj_layers),
+            int(c.proj_out_dim),
+            self.temperature,
+            synced,
+        )
 
     def build_transform(self) -> Callable:
         channels = self.cfg.data.channels or int(self.cfg.model.in_chans)
         return SimCLRTransform(
-            self.img_size, scale=tuple(self.c.crop_scale), preset=str(self.c.preset),
-            jitter_strength=float(self.c.jitter_strength), channels=channels,
-        )  # fmt: skip
+            self.img_size,
+            scale=tuple(self.c.crop_scale),
+            preset=str(self.c.preset),
+            jitter_strength=float(self.c.jitter_strength),
+            channels=channels,
+        )
 
     @staticmethod
     def views_of(batch: Any) -> tuple[Tensor, Tensor]:
@@ -157,9 +165,11 @@ class SimCLR(SSLMethod):
     def param_groups(self) -> list[dict]:
         o = self.cfg.optim
         groups = param_groups_lrd(
-            self.backbone, layer_decay=float(o.layer_decay),
-            patch_embed_lr_mult=float(o.patch_embed_lr_mult), prefix="backbone.",
-        )  # fmt: skip
+            self.backbone,
+            layer_decay=float(o.layer_decay),
+            patch_embed_lr_mult=float(o.patch_embed_lr_mult),
+            prefix="backbone.",
+        )
         return groups + param_groups_lrd(self.head, prefix="head.", num_layers=0)
 
     def backbone_for_export(self) -> nn.Module:
