@@ -20,6 +20,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pretrain curation eval launch tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.protocols import thread_limit  # noqa: E402
-from eval.protocols.knn import knn_scores  # noqa: E402
 from eval.protocols.linear import train_linear_grid  # noqa: E402
+from pretrain.components.knn import knn_scores  # noqa: E402
 
 
 def _timed(fn, repeat: int = 1) -> tuple[float, object]:

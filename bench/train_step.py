@@ -51,8 +51,9 @@ from torch.utils.flop_counter import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.__main__ import CONFIG_DIR, compose_config  # noqa: E402
 from pretrain.backbones import build_backbone  # noqa: E402
+from pretrain.config import PRETRAIN_CONFIG_DIR as CONFIG_DIR  # noqa: E402
+from pretrain.config import compose_config  # noqa: E402
 from pretrain.engine import Engine  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -58,8 +58,7 @@ def route_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
 
 def check_pretrain_config(recipe: str, overrides: Sequence[str]) -> None:
     """Keys and types now; data paths only exist once the earlier jobs ran."""
-    from pretrain.__main__ import compose_config
-    from pretrain.config import ConfigError
+    from pretrain.config import ConfigError, compose_config
 
     try:
         compose_config(recipe, overrides)

@@ -92,8 +92,8 @@ def _resolve_arg(arg: str) -> str:
 # ------------------------------------------------------------------------------------ pretrain
 def pretrain_output_dir(stage_args: Sequence[str]) -> Path:
     """Validate the pretraining config exactly as `python -m pretrain` will; return output_dir."""
-    from pretrain.__main__ import compose_config, validate
-    from pretrain.config import ConfigError
+    from pretrain.config import ConfigError, compose_config
+    from pretrain.validation import validate
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")

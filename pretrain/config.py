@@ -8,16 +8,21 @@ naming the key, because a typo in a 10-hour SLURM job should cost seconds, not t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.yaml"
+PRETRAIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRETRAIN_DEFAULT = PRETRAIN_CONFIG_DIR / "default.yaml"
+METHOD_CONFIG_DIR = PRETRAIN_CONFIG_DIR / "method"
+_METHODS_DIR = Path(__file__).resolve().parent / "methods"
+_MISSING = "???"
 
 
 class ConfigError(ValueError):
@@ -33,50 +38,68 @@ def _type_name(value: Any) -> str:
         return "float"
     if isinstance(value, str):
         return "str"
-    if isinstance(value, (list, tuple, ListConfig)):
+    if isinstance(value, (list, tuple)):
         return "list"
-    if isinstance(value, (dict, DictConfig)):
+    if isinstance(value, Mapping):
         return "dict"
     return type(value).__name__
 
 
+def _free(value: Any) -> bool:
+    """Values that fit any declared type: null, missing (???) and interpolations."""
+    return value is None or value == _MISSING or (isinstance(value, str) and value.startswith("${"))
+
+
 def _compatible(default: Any, value: Any) -> bool:
-    """A value may replace a default of the same kind; ints may stand for floats; null is free."""
-    if default is None or value is None:
+    """A value may replace a default of the same kind; ints may stand for floats."""
+    if _free(default) or _free(value):
         return True
     d, v = _type_name(default), _type_name(value)
     return d == v or (d == "float" and v == "int")
 
 
-def _check_against(default: DictConfig, given: DictConfig, prefix: str, source: str) -> None:
-    for key in given.keys():
+def _check_against(default: Mapping, given: Mapping, prefix: str, source: str) -> None:
+    """Walk `given` (a plain container) against `default`, naming the first offending key."""
+    for key, value in given.items():
         path = f"{prefix}{key}"
-        d_node = default._get_node(key)
-        if d_node is None:
+        if key not in default:
             raise ConfigError(f"{source}: unknown config key '{path}'")
-        g_node = given._get_node(key)
-        if g_node._is_missing():
+        declared = default[key]
+        if value == _MISSING:
             continue
-        d_val = None if d_node._is_missing() else d_node._value()
-        g_val = g_node._value()
-        if isinstance(d_node, DictConfig) and isinstance(g_node, DictConfig):
-            # An empty dict in the default is an open mapping (e.g. per-dataset options).
-            if len(d_node) > 0:
-                _check_against(d_node, g_node, path + ".", source)
+        if isinstance(declared, Mapping) and isinstance(value, Mapping):
+            if declared:  # an empty mapping in the default is open (e.g. per-dataset options)
+                _check_against(declared, value, path + ".", source)
             continue
-        if isinstance(d_node, DictConfig) and g_val is not None:
-            raise ConfigError(f"{source}: config key '{path}' must be a mapping, got {g_val!r}")
-        if isinstance(g_node, DictConfig):
-            if d_val is not None:
+        if isinstance(declared, Mapping) and value is not None:
+            raise ConfigError(f"{source}: config key '{path}' must be a mapping, got {value!r}")
+        if isinstance(value, Mapping):
+            if not _free(declared):
                 raise ConfigError(
                     f"{source}: config key '{path}' must be a single value, not a mapping"
                 )
             continue
-        if not _compatible(d_val, g_val):
+        if not _compatible(declared, value):
             raise ConfigError(
-                f"{source}: config key '{path}' must be {_type_name(d_val)}, "
-                f"got {_type_name(g_val)} {g_val!r}"
+                f"{source}: config key '{path}' must be {_type_name(declared)}, "
+                f"got {_type_name(value)} {value!r}"
             )
+
+
+def _plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config must be a mapping at top level")
+    return loaded
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -90,26 +113,27 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def load_config(
-    default: str | Path,
+    default: str | Path | DictConfig,
     recipe: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> DictConfig:
-    """Merge default <- recipe <- overrides, refusing anything the default does not declare."""
-    default_cfg = OmegaConf.load(default)
+    """Merge default <- recipe <- overrides, refusing anything the default does not declare.
+
+    The result is in struct mode (OmegaConf.set_struct): code that reads or writes a key the
+    default does not declare fails at once instead of creating it.
+    """
+    default_path = None if isinstance(default, DictConfig) else Path(default)
+    default_cfg = default if isinstance(default, DictConfig) else _load_yaml(default)
+    declared = _plain(default_cfg)
     layers: list[DictConfig] = [default_cfg]
-    if recipe is not None and Path(recipe).resolve() != Path(default).resolve():
-        if not Path(recipe).is_file():
-            raise ConfigError(f"config file not found: {recipe}")
-        try:
-            recipe_cfg = OmegaConf.load(recipe)
-        except Exception as exc:  # yaml errors come in many types
-            raise ConfigError(f"{recipe}: not valid YAML: {exc}") from exc
-        if not isinstance(recipe_cfg, DictConfig):
-            raise ConfigError(f"{recipe}: a config must be a mapping at top level")
-        _check_against(default_cfg, recipe_cfg, "", str(recipe))
+    if recipe is not None and (
+        default_path is None or Path(recipe).resolve() != default_path.resolve()
+    ):
+        recipe_cfg = _load_yaml(recipe)
+        _check_against(declared, _plain(recipe_cfg), "", str(recipe))
         layers.append(recipe_cfg)
     override_cfg = _parse_overrides(overrides)
-    _check_against(default_cfg, override_cfg, "", "command line")
+    _check_against(declared, _plain(override_cfg), "", "command line")
     layers.append(override_cfg)
     cfg = OmegaConf.merge(*layers)
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -121,7 +145,75 @@ def load_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve config interpolation: {exc}") from exc
+    _set_struct(cfg, declared)
     return cfg
+
+
+def _set_struct(cfg: DictConfig, declared: Mapping) -> None:
+    """Struct mode everywhere except under mappings the default leaves open (empty)."""
+    OmegaConf.set_struct(cfg, True)
+
+    def open_nodes(node: DictConfig, spec: Mapping) -> None:
+        for key, value in spec.items():
+            child = node.get(key)
+            if isinstance(value, Mapping) and isinstance(child, DictConfig):
+                if value:
+                    open_nodes(child, value)
+                else:
+                    OmegaConf.set_struct(child, False)
+
+    open_nodes(cfg, declared)
+
+
+def _method_names_on_disk() -> list[str]:
+    names = {p.stem for p in METHOD_CONFIG_DIR.glob("*.yaml")}
+    names |= {p.stem for p in _METHODS_DIR.glob("*.py") if p.stem not in ("__init__", "base")}
+    return sorted(names)
+
+
+def _chosen_method(recipe: str | Path | None, overrides: Sequence[str], default: DictConfig) -> str:
+    """`method` from the last override, else the recipe, else the default."""
+    for item in reversed(list(overrides)):
+        if item.startswith("method="):
+            return item.split("=", 1)[1]
+    if recipe is not None:
+        loaded = _load_yaml(recipe)
+        if loaded.get("method") is not None:
+            return str(loaded.method)
+    return str(default.method)
+
+
+def method_config_path(name: str) -> Path | None:
+    """`configs/method/NAME.yaml` when the method ships defaults, else None."""
+    path = METHOD_CONFIG_DIR / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def compose_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Pretraining config: default.yaml <- configs/method/<method>.yaml <- recipe <- overrides.
+
+    The method's YAML holds its own `NAME:` section and may change engine defaults for that method
+    (SimCLR: LARS and its learning rate; MAE: AdamW betas), so recipes only say what differs from
+    the published method. Checks that need the method's code run in `pretrain.validation.validate`.
+    """
+    default = _load_yaml(PRETRAIN_DEFAULT)
+    name = _chosen_method(recipe, overrides, default)
+    method_yaml = method_config_path(name)
+    if method_yaml is not None:
+        section = _load_yaml(method_yaml)
+        if name not in section:
+            raise ConfigError(f"{method_yaml}: must hold the method's '{name}:' section")
+        engine_keys = OmegaConf.masked_copy(section, [k for k in section if k != name])
+        _check_against(_plain(default), _plain(engine_keys), "", str(method_yaml))
+        default = OmegaConf.merge(default, section)
+    try:
+        return load_config(default, recipe, overrides)
+    except ConfigError as exc:
+        if method_yaml is None and name not in _method_names_on_disk():
+            # a method registered from user code needs no YAML; a typo in `method` is likelier
+            known = ", ".join(_method_names_on_disk())
+            raise ConfigError(f"{exc} (method {name!r} is not one of {known})") from exc
+        raise
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

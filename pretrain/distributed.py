@@ -164,6 +164,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """In-place sum over ranks (a no-op for one process)."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """In-place mean over ranks (a no-op for one process)."""
     if is_dist():

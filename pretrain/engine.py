@@ -196,6 +196,7 @@ class Engine:
             fused=optim.fused,
             device=device,
             name=str(optim.optimizer),
+            momentum=float(optim.momentum),
             lars_eta=float(optim.lars_eta),
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pretrain import distributed as du
+from pretrain.components.knn import knn_scores
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +277,7 @@ def knn_top1(
     k: int,
     temperature: float = 0.07,
 ) -> float:
-    """Top-1 accuracy of the DINO weighted k-NN vote (eval.protocols.knn, the offline protocol)."""
-    from eval.protocols.knn import knn_scores
-
+    """Top-1 accuracy of the DINO weighted k-NN vote, scored as `python -m eval knn` scores it."""
     train_y, test_y = train_labels.cpu().numpy(), test_labels.cpu().numpy()
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     scores = knn_scores(

@@ -122,17 +122,18 @@ def build_optimizer(
     fused: bool | None,
     device: torch.device,
     name: str = "adamw",
+    momentum: float = 0.9,
     lars_eta: float = 0.001,
 ) -> torch.optim.Optimizer:
     """AdamW (fused kernels on GPU and CPU: on CPU ~9x faster per step than foreach for ViT-S,
-    bench in docs/benchmarks.md), or LARS (SimCLR: momentum = betas[0]; no
+    bench in docs/benchmarks.md), or LARS (SimCLR: heavy-ball `momentum`; no
     decay and no trust ratio for the groups with wd_multiplier 0, i.e. biases and norms)."""
     if name == "lars":
         from pretrain.lars import LARS
 
         for group in groups:
             group["lars_adapt"] = group["wd_multiplier"] != 0
-        return LARS(groups, lr=0.0, momentum=float(betas[0]), eta=float(lars_eta))
+        return LARS(groups, lr=0.0, momentum=float(momentum), eta=float(lars_eta))
     if name != "adamw":
         raise ValueError(f"optim.optimizer must be adamw or lars, got {name!r}")
     use_fused = device.type in ("cuda", "cpu") if fused is None else bool(fused)

@@ -99,3 +99,29 @@ def lr_scale(global_batch: int, reference_batch: int, rule: str) -> float:
 
 def steps_from_epochs(epochs: float, steps_per_epoch: int) -> int:
     return int(round(epochs * steps_per_epoch))
+
+
+def self_distillation_schedules(
+    lr_schedule: np.ndarray,
+    steps_per_epoch: int,
+    *,
+    momentum_teacher: float,
+    final_momentum_teacher: float,
+    warmup_teacher_temp: float,
+    teacher_temp: float,
+    warmup_teacher_temp_epochs: float,
+    freeze_last_layer_epochs: float,
+) -> dict[str, np.ndarray]:
+    """DINO's and DINOv2's per-step schedules, all of the run's length (that of `lr_schedule`):
+    "momentum" of the EMA teacher (cosine to its final value), "teacher_temp" (linear warmup,
+    then constant) and "last_layer_lr": the prototypes follow the lr schedule but stay frozen
+    (lr 0) for the first epoch(s)."""
+    total = len(lr_schedule)
+    warmup = min(steps_from_epochs(warmup_teacher_temp_epochs, steps_per_epoch), total)
+    freeze = min(steps_from_epochs(freeze_last_layer_epochs, steps_per_epoch), total)
+    return {
+        "momentum": cosine_schedule(momentum_teacher, final_momentum_teacher, total),
+        "teacher_temp": warmup_then_constant(warmup_teacher_temp, teacher_temp, warmup, total),
+        "last_layer_lr": freeze_first(np.asarray(lr_schedule, dtype=np.float64), freeze),
+    }
+

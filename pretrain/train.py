@@ -226,6 +226,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
     if rng is None:
         du.seed_everything(du.rank_seed(int(cfg.train.seed) + engine.step, env.rank))
     transform = engine.method.build_transform()
+    collate_fn = engine.method.collate_fn()
     reporter = StepReporter(cfg, engine, env.is_main, device)
     ckpt_every, total = int(cfg.train.checkpoint_every), engine.total_steps
     while engine.step < total:
@@ -244,6 +245,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
             skip_batches=batch_in_epoch,
             drop_last=True,
             pin_memory=device.type == "cuda",
+            collate_fn=collate_fn,
         )
         if rng is not None:  # after building the loader, before its first batch
             restore_rng(rng)

@@ -89,9 +89,97 @@ RECIPES = sorted((Path(__file__).parents[1] / "pretrain" / "configs").glob("*.ya
     "recipe", [r for r in RECIPES if r.name != "default.yaml"], ids=lambda p: p.stem
 )
 def test_every_shipped_recipe_composes_and_validates(recipe, medssl_data, tmp_path):
-    from pretrain.__main__ import compose_config, validate
+    from pretrain.config import compose_config
+    from pretrain.validation import validate
 
     spec = f"{medssl_data / 'pneumoniamnist.npz'}:train"
     cfg = compose_config(recipe, [f"data.train={spec}", f"output_dir={tmp_path}"])
     validate(cfg)  # raises ConfigError naming the problem
-    assert cfg.method in recipe.stem
+    # every leaf comes from the last layer that sets it: recipe, else method YAML, else default
+    layers = [OmegaConf.load(PRETRAIN_DIR / "default.yaml")]
+    method = OmegaConf.load(recipe).get("method", layers[0].method)
+    if (PRETRAIN_DIR / "method" / f"{method}.yaml").is_file():
+        layers.append(OmegaConf.load(PRETRAIN_DIR / "method" / f"{method}.yaml"))
+    layers.append(OmegaConf.load(recipe))
+    for layer in layers[1:]:
+        for key, value in _leaves(OmegaConf.to_container(layer)).items():
+            later = [lay for lay in layers[layers.index(layer) + 1 :] if _has(lay, key)]
+            if not later:
+                assert OmegaConf.select(cfg, key) == value, f"{recipe.name}: {key}"
+    assert cfg.method == method
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _has(cfg, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default="<absent>") != "<absent>"
+
+
+PRETRAIN_DIR = Path(__file__).parents[1] / "pretrain" / "configs"
+
+
+def test_method_yaml_sets_the_engine_defaults_of_its_method(tmp_path):
+    from pretrain.config import compose_config
+
+    base = ["data.train=x.npz:train", f"output_dir={tmp_path}", "optim.max_steps=1"]
+    simclr = compose_config(None, ["method=simclr", *base])
+    assert (simclr.optim.optimizer, simclr.optim.momentum, simclr.optim.base_lr) == (
+        "lars",
+        0.9,
+        0.3,
+    )
+    assert simclr.optim.lr_scaling == "linear" and simclr.optim.weight_decay == 1.0e-6
+    mae = compose_config(None, ["method=mae", *base])
+    assert list(mae.optim.betas) == [0.9, 0.95] and mae.optim.optimizer == "adamw"
+    dinov2 = compose_config(None, base)  # default.yaml's engine values are DINOv2's
+    assert (dinov2.optim.base_lr, dinov2.optim.clip_grad) == (0.004, 3.0)
+    with pytest.raises(ConfigError, match=r"unknown config key 'simclr'"):
+        compose_config(None, ["simclr.temperature=0.5", *base])  # another method's section
+
+
+def test_composed_config_is_struct(tmp_path):
+    from pretrain.config import compose_config
+
+    cfg = compose_config(
+        None, ["data.train=x.npz:train", f"output_dir={tmp_path}", "optim.max_steps=1"]
+    )
+    with pytest.raises(Exception, match="optim.bogus|bogus"):
+        cfg.optim.bogus = 1  # a typo in code fails instead of creating a key
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dinov2.crops.global_crops_size=30", "dinov2.crops.global_crops_size"),
+        ("dinov2.crops.local_crops_size=15", "dinov2.crops.local_crops_size"),
+        ("dinov2.ibot.mask_ratio_min_max=[0.5,0.1]", "dinov2.ibot.mask_ratio_min_max"),
+    ],
+)
+def test_method_checks_refuse_before_any_work_in_pretrain_and_launch(
+    override, key, medssl_data, tmp_path, capsys
+):
+    from launch.__main__ import main as launch_main
+    from pretrain.__main__ import EXIT_REFUSED
+    from pretrain.__main__ import main as pretrain_main
+
+    args = [
+        "--config",
+        str(PRETRAIN_DIR / "dinov2_cpu.yaml"),
+        f"data.train={medssl_data / 'pneumoniamnist.npz'}:train",
+        f"output_dir={tmp_path / 'run'}",
+        override,
+    ]
+    assert pretrain_main(["--check", *args]) == EXIT_REFUSED
+    assert key in capsys.readouterr().err
+    folder = tmp_path / "launch"
+    assert launch_main(["--cluster", "local", "--folder", str(folder), "pretrain", *args]) == 2
+    assert key in capsys.readouterr().err
+    assert not folder.exists() and not (tmp_path / "run").exists()  # nothing written

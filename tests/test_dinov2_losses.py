@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.heads import DINOHead
-from pretrain.losses import (
+from pretrain.components.heads import DINOHead
+from pretrain.components.losses import (
     DINOLoss,
     dino_cross_entropy,
     ibot_masked_cross_entropy,
@@ -20,7 +20,7 @@ from pretrain.losses import (
     koleo_loss,
     sinkhorn_knopp,
 )
-from pretrain.masking import BlockMaskGenerator, sample_crop_masks
+from pretrain.components.masks import BlockMaskGenerator, sample_crop_masks
 
 
 def _softmax(xs: list[float]) -> list[float]:
@@ -79,6 +79,9 @@ def test_softmax_centering_and_center_update_by_hand():
     e = [1.0, math.exp(4), math.exp(8)]
     assert probs[0].tolist() == pytest.approx([v / sum(e) for v in e], rel=1e-6)
     assert probs[1].tolist() == pytest.approx([1 / 3] * 3, rel=1e-6)
+    # teacher_probs starts the update, the loss (after the student pass) completes it
+    assert loss.center[0].tolist() == [1.0, 0.0, -1.0]
+    loss(None, torch.zeros(1, 2, 3), probs.view(1, 2, 3))
     # new center = 0.9 * [1, 0, -1] + 0.1 * batch mean [2, 2, 2]
     assert loss.center[0].tolist() == pytest.approx([1.1, 0.2, -0.7], rel=1e-6)
     # The probabilities used the *old* center (DINOv2 applies the update after the targets).
@@ -197,7 +200,8 @@ def test_ibot_masked_loss_by_hand():
 
 def test_ibot_center_is_mean_over_masked_patches():
     loss = iBOTPatchLoss(out_dim=2, center_momentum=0.9)
-    loss.teacher_probs(torch.tensor([[1.0, 3.0], [3.0, 5.0]]), teacher_temp=0.07)
+    probs = loss.teacher_probs(torch.tensor([[1.0, 3.0], [3.0, 5.0]]), teacher_temp=0.07)
+    loss(torch.zeros(2, 2), probs, torch.tensor([[True, True]]))  # completes the center update
     assert loss.center[0].tolist() == pytest.approx([0.2, 0.4], rel=1e-6)
 
 
@@ -254,7 +258,7 @@ def test_sample_crop_masks_spreads_ratios_over_half_the_crops():
 
 
 def test_ema_update_by_hand():
-    from pretrain.methods.dinov2 import ema_update_
+    from pretrain.components.ema import ema_update_
 
     teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
     student = [torch.tensor([3.0, -2.0]), torch.tensor([[10.0]])]
@@ -268,7 +272,7 @@ def test_ema_update_by_hand():
 def _tiny_method(**dinov2):
     from omegaconf import OmegaConf
 
-    from pretrain.__main__ import compose_config
+    from pretrain.config import compose_config
     from pretrain.methods import build_method
 
     overrides = [

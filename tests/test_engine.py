@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pretrain import distributed as du
-from pretrain.__main__ import EXIT_DIVERGED, EXIT_REFUSED, compose_config, main, validate
+from pretrain.__main__ import EXIT_DIVERGED, EXIT_REFUSED, main
 from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import (
     ResumeRefused,
@@ -38,11 +38,13 @@ from pretrain.checkpoint import (
     load_newest,
     save_checkpoint,
 )
+from pretrain.config import compose_config
 from pretrain.engine import Engine
 from pretrain.methods import SSLMethod, StepState, build_method, register_method
 from pretrain.monitor import CollapseMonitor, collapse_stats, entropy_stats, knn_top1, read_metrics
 from pretrain.schedules import cosine_schedule
 from pretrain.train import run
+from pretrain.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_ENV = "MEDSSL_TEST_KILL_AT_STEP"

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from eval.__main__ import DEFAULT_CONFIG
 from eval.featureset import FeatureSet
 from eval.protocols.base import EvalContext
-from eval.protocols.knn import knn_scores
 from eval.protocols.knn import run as run_knn
+from pretrain.components.knn import knn_scores
 from pretrain.config import load_config
 
 

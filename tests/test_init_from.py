@@ -16,13 +16,14 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from pretrain.__main__ import compose_config, validate
 from pretrain.backbones import BackboneError, build_backbone, export_backbone, load_backbone
+from pretrain.config import compose_config
 from pretrain.engine import Engine
 from pretrain.init_from import REPORT_FILENAME, initialise_from
 from pretrain.methods import build_method
 from pretrain.methods.mae import MAE
 from pretrain.train import run
+from pretrain.validation import validate
 from tests.conftest import run_interrupted
 
 VIT = {"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1}

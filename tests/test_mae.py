@@ -8,12 +8,16 @@ import statistics
 import pytest
 import torch
 
-from pretrain.__main__ import compose_config, validate
 from pretrain.backbones import load_backbone
 from pretrain.checkpoint import load_newest
+from pretrain.components.losses import mae_loss, patchify
+from pretrain.components.masked_vit import vit_encode_visible as encode_visible
+from pretrain.components.masks import random_masking
+from pretrain.config import compose_config
 from pretrain.engine import Engine
-from pretrain.methods.mae import MAE, encode_visible, mae_loss, patchify, random_masking
+from pretrain.methods.mae import MAE
 from pretrain.train import run
+from pretrain.validation import validate
 from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,14 +14,17 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pretrain import distributed as du
-from pretrain.__main__ import compose_config, validate
 from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import load_newest
+from pretrain.components.heads import projection_head
+from pretrain.components.losses import nt_xent_loss
+from pretrain.config import compose_config
 from pretrain.engine import Engine, use_channels_last
 from pretrain.lars import LARS
-from pretrain.methods.simclr import SimCLR, nt_xent_loss, projection_head, zero_init_residual_
+from pretrain.methods.simclr import SimCLR, zero_init_residual_
 from pretrain.optim import build_optimizer, param_groups_lrd
 from pretrain.train import run
+from pretrain.validation import validate
 from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")

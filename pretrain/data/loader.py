@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -54,6 +55,8 @@ from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.windowing import Window
 
 logger = logging.getLogger(__name__)
+
+Collate = Callable[[list], Any]  # [(view, label[, key]), ...] -> batch
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,9 @@ class _SkipBatches:
 class _DecodeBatch:
     """Raw sample group -> collated (transformed images, labels[, keys])."""
 
-    def __init__(self, transform, window: Window, with_keys: bool):
+    def __init__(self, transform, window: Window, with_keys: bool, collate_fn: Collate):
         self.transform, self.window, self.with_keys = transform, window, with_keys
+        self.collate_fn = collate_fn
 
     def __call__(self, src):
         for group in src:
@@ -205,7 +209,7 @@ class _DecodeBatch:
                 key = str(record.get("key", sample["__key__"]))
                 items.append((out, label, key) if self.with_keys else (out, label))
             if items:
-                yield default_collate(items)
+                yield self.collate_fn(items)
 
 
 def _log_and_continue(exn: Exception) -> bool:
@@ -228,6 +232,7 @@ def shard_pipeline(
     skip_batches: int,
     drop_last: bool,
     with_keys: bool,
+    collate_fn: Collate = default_collate,
 ) -> wds.DataPipeline:
     """The per-worker webdataset pipeline yielding collated batches (see module docstring)."""
     urls = [str(p) for p in spec.shards]
@@ -254,7 +259,7 @@ def shard_pipeline(
     stages += [
         wds.batched(batch_size, collation_fn=None, partial=not drop_last),
         _SkipBatches(skip_batches),
-        _DecodeBatch(transform, window, with_keys),
+        _DecodeBatch(transform, window, with_keys, collate_fn),
     ]
     return wds.DataPipeline(*stages)
 
@@ -309,8 +314,12 @@ def build_train_loader(
     drop_last: bool = False,
     with_keys: bool = False,
     pin_memory: bool = False,
+    collate_fn: Collate = default_collate,
 ) -> DataLoader:
     """A DataLoader of (transform(image) batch, labels[, keys]) for one rank and epoch.
+
+    `collate_fn` turns a list of (view, label[, key]) into the batch, in the workers (a method's
+    per-batch inputs such as iBOT masks: `SSLMethod.collate_fn`).
 
     Rebuild it every epoch with `epoch=e` (orders differ per epoch). `loader.state` is the
     LoaderState to checkpoint. `with_keys` adds the list of sample keys to each batch.
@@ -343,6 +352,7 @@ def build_train_loader(
             skip_batches=skip_batches,
             drop_last=drop_last,
             with_keys=with_keys,
+            collate_fn=collate_fn,
         )
         loader = DataLoader(
             pipeline,
@@ -368,6 +378,7 @@ def build_train_loader(
             drop_last=drop_last,
             generator=generator,
             pin_memory=pin_memory,
+            collate_fn=collate_fn,
         )
     loader.state = LoaderState(
         seed,

@@ -18,7 +18,6 @@ from pretrain.methods.base import SSLMethod, StepState
 logger = logging.getLogger(__name__)
 
 METHODS: dict[str, type[SSLMethod]] = {}
-METHOD_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
 
 __all__ = [
     "METHODS",
@@ -26,7 +25,6 @@ __all__ = [
     "StepState",
     "build_method",
     "get_method_class",
-    "method_config_path",
     "register_method",
 ]
 
@@ -60,12 +58,6 @@ def get_method_class(name: str) -> type[SSLMethod]:
         known = sorted(set(METHODS) | set(_builtin_names()))
         raise KeyError(f"unknown method {name!r}; available: {', '.join(known) or 'none'}")
     return METHODS[name]
-
-
-def method_config_path(name: str) -> Path | None:
-    """`configs/method/NAME.yaml` when the method ships defaults, else None."""
-    path = METHOD_CONFIG_DIR / f"{name}.yaml"
-    return path if path.is_file() else None
 
 
 def build_method(cfg: DictConfig) -> SSLMethod:

@@ -55,13 +55,23 @@ class SSLMethod(nn.Module):
         # Scaled lr schedule the engine drives every group with; set before `schedules()` is called.
         self.lr_schedule: np.ndarray | None = None
 
+    # ---- config --------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Refuse values of the method's section (and the engine keys it depends on) that it cannot
+        train with, raising pretrain.config.ConfigError that names the key. `validate` calls it
+        before any work: `python -m pretrain --check`, launch's pre-queue check and every run."""
+
     # ---- data ----------------------------------------------------------------------------------
     def build_transform(self) -> Callable:
         """Per-sample view transform for the loader (input: float C×H×W in [0, 1])."""
         raise NotImplementedError(f"{type(self).__name__} must define build_transform()")
 
-    def collate(self, samples: list) -> Any:
-        return default_collate(samples)
+    def collate_fn(self) -> Callable[[list], Any]:
+        """The loader's collate, run in its workers: per-batch inputs (masks, crop-major views)
+        are built there, not in the training step. Return a small picklable callable, not a
+        bound method of this module (workers would receive a copy of the whole model)."""
+        return default_collate
 
     # ---- step ----------------------------------------------------------------------------------
     def forward_loss(self, batch: Any, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
@@ -90,6 +100,16 @@ class SSLMethod(nn.Module):
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {}
+
+    def scaled_lr_schedule(self, total_steps: int) -> np.ndarray:
+        """The engine's lr schedule (for schedules that follow it, e.g. "last_layer_lr")."""
+        if self.lr_schedule is None:
+            raise RuntimeError("the engine must set method.lr_schedule before calling schedules()")
+        if len(self.lr_schedule) != total_steps:
+            raise RuntimeError(
+                f"lr_schedule has {len(self.lr_schedule)} steps, schedules() asked for {total_steps}"
+            )
+        return np.asarray(self.lr_schedule, dtype=np.float64)
 
     def on_after_backward(self, state: StepState) -> None:
         """Hook between backward and the optimizer step (e.g. cancel last-layer grads)."""

@@ -14,7 +14,6 @@ teacher head call, and the EMA as a single fused `torch._foreach_lerp_` over all
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,21 +23,19 @@ import torch
 from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.data import default_collate
 
-from pretrain.backbones import build_backbone
-from pretrain.heads import DINOHead
-from pretrain.losses import DINOLoss, iBOTPatchLoss, koleo_loss
-from pretrain.masking import BlockMaskGenerator, sample_crop_masks
+from pretrain.backbones import VIT_SIZES, build_backbone
+from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher
+from pretrain.components.heads import DINOHead
+from pretrain.components.losses import DINOLoss, iBOTPatchLoss, koleo_loss
+from pretrain.components.masked_vit import vit_tokens
+from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
+from pretrain.config import ConfigError
+from pretrain.distributed import is_dist
 from pretrain.methods import register_method
 from pretrain.methods.base import SSLMethod, StepState
 from pretrain.optim import param_groups_lrd
-from pretrain.schedules import (
-    cosine_schedule,
-    freeze_first,
-    steps_from_epochs,
-    warmup_then_constant,
-)
+from pretrain.schedules import self_distillation_schedules
 from pretrain.transforms import MultiCropTransform
 
 logger = logging.getLogger(__name__)
@@ -50,26 +47,6 @@ class MaskToken(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-
-
-def vit_tokens(
-    vit: VisionTransformer, x: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(class token (B, D), patch tokens (B, N, D)) after the final norm, masked patches replaced.
-
-    timm's forward_features has no masking hook, so this repeats its steps with the mask applied
-    right after the patch embedding, before position embeddings (as DINOv2 does).
-    """
-    x = vit.patch_embed(x)  # (B, N, D), or (B, H, W, D) with dynamic_img_size
-    if masks is not None:
-        keep = masks.view(x.shape[:-1]).unsqueeze(-1)
-        x = torch.where(keep, mask_token.to(x.dtype), x)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    x = vit.blocks(x)
-    x = vit.norm(x)
-    return x[:, 0], x[:, vit.num_prefix_tokens :]
 
 
 class DINOv2Network(nn.Module):
@@ -154,14 +131,6 @@ class DINOv2Network(nn.Module):
         return self.heads([cls], masked)
 
 
-@torch.no_grad()
-def ema_update_(teacher: list[Tensor], student: list[Tensor], momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, one fused kernel for all tensors."""
-    if momentum >= 1.0:
-        return
-    torch._foreach_lerp_(teacher, student, 1.0 - momentum)
-
-
 def _is_last_layer(name: str) -> bool:
     return name.startswith("last_layer.") or ".last_layer." in name
 
@@ -169,6 +138,48 @@ def _is_last_layer(name: str) -> bool:
 @register_method("dinov2")
 class DINOv2(SSLMethod):
     name = "dinov2"
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        c = cfg.dinov2
+        is_vit = str(cfg.model.arch) in VIT_SIZES
+        if float(c.ibot.loss_weight) > 0 and not is_vit:
+            raise ConfigError(
+                f"dinov2.ibot.loss_weight > 0 needs a ViT; model.arch={cfg.model.arch}: "
+                "set dinov2.ibot.loss_weight=0"
+            )
+        if str(c.centering) not in ("centering", "sinkhorn_knopp"):
+            raise ConfigError("dinov2.centering must be centering or sinkhorn_knopp")
+        lo, hi = (float(v) for v in c.ibot.mask_ratio_min_max)
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ConfigError(
+                "dinov2.ibot.mask_ratio_min_max must be [min, max], 0 <= min <= max < 1"
+            )
+        if not 0.0 <= float(c.ibot.mask_sample_probability) <= 1.0:
+            raise ConfigError("dinov2.ibot.mask_sample_probability must be in [0, 1]")
+        if int(c.crops.local_crops_number) < 0:
+            raise ConfigError("dinov2.crops.local_crops_number must be >= 0")
+        if not is_vit:
+            return
+        patch = int(cfg.model.patch_size)
+        for key in ("global_crops_size", "local_crops_size"):
+            size = int(c.crops[key])
+            if size % patch:
+                raise ConfigError(
+                    f"dinov2.crops.{key}={size} is not a multiple of model.patch_size={patch} "
+                    "(DINOv2 ViT-*/14 uses 224 and 98)"
+                )
+        dynamic = bool(cfg.model.dynamic_img_size)
+        if int(c.crops.global_crops_size) != int(cfg.model.img_size) and not dynamic:
+            raise ConfigError(
+                "dinov2.crops.global_crops_size differs from model.img_size: "
+                "set model.dynamic_img_size=true"
+            )
+        if int(c.crops.local_crops_number) and not dynamic:
+            raise ConfigError(
+                "dinov2.crops.local_crops_number > 0 needs model.dynamic_img_size=true "
+                "(position embeddings resampled)"
+            )
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -178,32 +189,17 @@ class DINOv2(SSLMethod):
         embed_dim = int(backbone.num_features)
         self.do_ibot = float(c.ibot.loss_weight) > 0
         self.do_koleo = float(c.dino.koleo_loss_weight) > 0
-        is_vit = isinstance(backbone, VisionTransformer)
-        if self.do_ibot and not is_vit:
-            raise ValueError(
-                f"iBOT needs a ViT; model.arch={cfg.model.arch}: set dinov2.ibot.loss_weight=0"
-            )
         self.n_local = int(c.crops.local_crops_number)
         self.global_size = int(c.crops.global_crops_size)
         self.local_size = int(c.crops.local_crops_size)
-        if is_vit:
-            patch = int(cfg.model.patch_size)
-            for key, size in (("global", self.global_size), ("local", self.local_size)):
-                if size % patch:
-                    raise ValueError(
-                        f"dinov2.crops.{key}_crops_size={size} is not a multiple of model.patch_size="
-                        f"{patch} (DINOv2 ViT-*/14 uses 224 and 98)"
-                    )
-            if self.global_size != int(cfg.model.img_size) and not cfg.model.dynamic_img_size:
-                raise ValueError(
-                    "global crops differ from model.img_size: set model.dynamic_img_size=true"
-                )
-            if self.n_local and not cfg.model.dynamic_img_size:
-                raise ValueError(
-                    "local crops need model.dynamic_img_size=true (pos-embed resampled)"
-                )
-            self.grid = self.global_size // patch
-            self.mask_generator = BlockMaskGenerator(self.grid)
+        mask_generator = None
+        if self.do_ibot:
+            mask_generator = BlockMaskGenerator(self.global_size // int(cfg.model.patch_size))
+        self.batch_collate = MultiCropCollate(
+            mask_generator,
+            tuple(c.ibot.mask_ratio_min_max),
+            float(c.ibot.mask_sample_probability),
+        )
 
         def head(section: DictConfig) -> DINOHead:
             return DINOHead(
@@ -222,12 +218,8 @@ class DINOv2(SSLMethod):
             head(c.ibot) if separate else None,
             MaskToken(embed_dim) if self.do_ibot else None,
         )
-        teacher = copy.deepcopy(self.student)
+        teacher = make_ema_teacher(self.student)
         teacher.mask_token = None  # the teacher never sees masked inputs
-        for module in teacher.modules():  # no stochastic depth in the teacher
-            if hasattr(module, "drop_prob"):
-                module.drop_prob = 0.0
-        teacher.requires_grad_(False)  # never in the optimizer, ignored by DDP's gradient sync
         self.teacher = teacher
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
@@ -289,46 +281,23 @@ class DINOv2(SSLMethod):
             channels=self.cfg.data.channels,
         )
 
-    def _masks(self, n_crops: int) -> Tensor | None:
-        if not self.do_ibot:
-            return None
-        return sample_crop_masks(
-            n_crops,
-            self.mask_generator,
-            tuple(self.c.ibot.mask_ratio_min_max),
-            float(self.c.ibot.mask_sample_probability),
-        )
-
-    def collate(self, samples: list) -> dict[str, Any]:
-        """Per-sample views -> crop-major tensors [crop0 of all images, crop1 of all...] + masks."""
-        views = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
-        return self.prepare_batch(default_collate(views))
+    def collate_fn(self) -> Callable[[list], Any]:
+        """Crop-major tensors and iBOT masks, built in the loader workers."""
+        return self.batch_collate
 
     def prepare_batch(self, batch: Any) -> dict[str, Any]:
-        """Accept a loader batch ((views, labels) or views as default_collate makes them) or an
-        already prepared batch; return {"global_crops", "local_crops", "masks", "mask_indices"}."""
-        if isinstance(batch, dict) and "masks" in batch:
-            return batch
+        """A collated batch ((batch dict, labels) from `collate_fn`) as is; a batch of views as
+        default_collate makes them (bench, tests) gets its crops and masks here."""
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
+        if isinstance(batch, dict) and "masks" in batch:
+            return batch
         if not isinstance(batch, dict) or "global_crops" not in batch:
             raise TypeError(
                 "dinov2 expects batches of multi-crop views {'global_crops', 'local_crops'} "
                 f"(from build_transform), got {type(batch).__name__}"
             )
-        global_crops = torch.cat(list(batch["global_crops"]))
-        local = list(batch.get("local_crops") or [])
-        local_crops = torch.cat(local) if local else None
-        masks = self._masks(global_crops.shape[0])
-        mask_indices = None
-        if masks is not None:
-            mask_indices = masks.flatten().nonzero().flatten()
-        return {
-            "global_crops": global_crops,
-            "local_crops": local_crops,
-            "masks": masks,
-            "mask_indices": mask_indices,
-        }
+        return self.batch_collate.crops(batch)
 
     # ------------------------------------------------------------------------------ the step
 
@@ -341,7 +310,7 @@ class DINOv2(SSLMethod):
         }
         global_crops, local_crops = move["global_crops"], move["local_crops"]
         masks, mask_indices = move["masks"], move["mask_indices"]
-        if mask_indices is not None and mask_indices.numel() == 0 and not self._dist():
+        if mask_indices is not None and mask_indices.numel() == 0 and not is_dist():
             masks = mask_indices = None  # nothing masked in this batch (tiny grids)
         n_global = 2
         batch_size = global_crops.shape[0] // n_global
@@ -376,10 +345,6 @@ class DINOv2(SSLMethod):
             terms["ibot"] = ibot.detach()
         return loss, terms
 
-    @staticmethod
-    def _dist() -> bool:
-        return torch.distributed.is_available() and torch.distributed.is_initialized()
-
     # ------------------------------------------------------------------------------ optimisation
 
     def param_groups(self) -> list[dict]:
@@ -410,41 +375,20 @@ class DINOv2(SSLMethod):
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         t = self.c.teacher
-        warmup = min(
-            steps_from_epochs(float(t.warmup_teacher_temp_epochs), steps_per_epoch), total_steps
+        return self_distillation_schedules(
+            self.scaled_lr_schedule(total_steps),
+            steps_per_epoch,
+            momentum_teacher=float(t.momentum_teacher),
+            final_momentum_teacher=float(t.final_momentum_teacher),
+            warmup_teacher_temp=float(t.warmup_teacher_temp),
+            teacher_temp=float(t.teacher_temp),
+            warmup_teacher_temp_epochs=float(t.warmup_teacher_temp_epochs),
+            freeze_last_layer_epochs=float(self.c.freeze_last_layer_epochs),
         )
-        freeze = min(
-            steps_from_epochs(float(self.c.freeze_last_layer_epochs), steps_per_epoch), total_steps
-        )
-        return {
-            "momentum": cosine_schedule(
-                float(t.momentum_teacher), float(t.final_momentum_teacher), total_steps
-            ),
-            "teacher_temp": warmup_then_constant(
-                float(t.warmup_teacher_temp), float(t.teacher_temp), warmup, total_steps
-            ),
-            # the prototypes follow the lr schedule, but stay frozen (lr 0) for the first epoch(s)
-            "last_layer_lr": freeze_first(self._lr_schedule(total_steps), freeze),
-        }
-
-    def _lr_schedule(self, total_steps: int) -> np.ndarray:
-        if self.lr_schedule is None:
-            raise RuntimeError("the engine must set method.lr_schedule before calling schedules()")
-        if len(self.lr_schedule) != total_steps:
-            raise RuntimeError(
-                f"lr_schedule has {len(self.lr_schedule)} steps, schedules() asked for {total_steps}"
-            )
-        return np.asarray(self.lr_schedule, dtype=np.float64)
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         if self._ema_pairs is None:
-            student = dict(_unwrap(self.student).named_parameters())
-            teacher = dict(self.teacher.named_parameters())
-            missing = sorted(set(teacher) - set(student))
-            if missing:
-                raise RuntimeError(f"teacher parameters without student counterpart: {missing[:5]}")
-            names = sorted(teacher)
-            self._ema_pairs = ([teacher[n] for n in names], [student[n].detach() for n in names])
+            self._ema_pairs = ema_pairs(self.teacher, self.student)
         return self._ema_pairs
 
     @torch.no_grad()
@@ -479,9 +423,3 @@ class DINOv2(SSLMethod):
 
     def ddp_modules(self) -> list[nn.Module]:
         return [self.student]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(getattr(module, "module", None), nn.Module):
-        module = module.module
-    return module

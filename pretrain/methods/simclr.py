@@ -23,34 +23,15 @@ from torch import Tensor, nn
 
 from pretrain import distributed as du
 from pretrain.backbones import build_backbone
+from pretrain.components.heads import projection_head
+from pretrain.components.losses import nt_xent_loss
+from pretrain.config import ConfigError
 from pretrain.methods import register_method
 from pretrain.methods.base import SSLMethod, StepState
 from pretrain.optim import param_groups_lrd
 from pretrain.transforms import SimCLRTransform
 
 logger = logging.getLogger(__name__)
-
-
-def projection_head(
-    in_dim: int, hidden_dim: int, out_dim: int, layers: int, bn: bool
-) -> nn.Sequential:
-    """SimCLR v2 projection: (layers - 1) x [Linear, BN, ReLU] + Linear (+ BN without bias).
-
-    With BN the linears carry no bias (BN's shift replaces it), as in SimCLR's `linear_layer`.
-    """
-    if layers < 1:
-        raise ValueError(f"simclr.proj_layers must be >= 1, got {layers}")
-    mods: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden_dim, bias=not bn)]
-        mods += [nn.BatchNorm1d(hidden_dim)] if bn else []
-        mods += [nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    mods.append(nn.Linear(dim, out_dim, bias=not bn))
-    if bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=False))  # SimCLR: center=False, no scale on last
-    return nn.Sequential(*mods)
 
 
 def zero_init_residual_(backbone: nn.Module) -> int:
@@ -69,36 +50,20 @@ def zero_init_residual_(backbone: nn.Module) -> int:
     return len(last_norms)
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
-    """NT-Xent over the global batch: mean over this rank's 2B anchors of
-    -log( exp(s(a, a+)/t) / sum_{k != a} exp(s(a, k)/t) ), s = cosine similarity,
-    k ranging over all 2N views of all ranks (SimCLR's `add_contrastive_loss`, averaged).
-
-    z1, z2: (B, D) projections of view 1 / view 2 of this rank's images.
-    """
-    z1 = F.normalize(z1.float(), dim=-1)
-    z2 = F.normalize(z2.float(), dim=-1)
-    b = z1.shape[0]
-    if gather and du.is_dist():
-        k1, k2 = du.all_gather_with_grad(z1), du.all_gather_with_grad(z2)
-        offset = torch.distributed.get_rank() * b
-    else:
-        k1, k2, offset = z1, z2, 0
-    n = k1.shape[0]
-    idx = torch.arange(b, device=z1.device) + offset
-    self_mask = F.one_hot(idx, n).bool()
-    logits_aa = (z1 @ k1.T / temperature).masked_fill(self_mask, float("-inf"))
-    logits_bb = (z2 @ k2.T / temperature).masked_fill(self_mask, float("-inf"))
-    logits_ab = z1 @ k2.T / temperature
-    logits_ba = z2 @ k1.T / temperature
-    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), idx)
-    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), idx)
-    return 0.5 * (loss_a + loss_b)
-
-
 @register_method("simclr")
 class SimCLR(SSLMethod):
     name = "simclr"
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        c = cfg.simclr
+        if float(c.temperature) <= 0:
+            raise ConfigError(f"simclr.temperature must be > 0, got {c.temperature}")
+        if int(c.proj_layers) < 1:
+            raise ConfigError(f"simclr.proj_layers must be >= 1, got {c.proj_layers}")
+        lo, hi = (float(v) for v in c.crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError("simclr.crop_scale must be [min, max] with 0 < min <= max <= 1")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -113,8 +78,6 @@ class SimCLR(SSLMethod):
             dim, hidden, int(c.proj_out_dim), int(c.proj_layers), bool(c.proj_bn)
         )
         self.temperature = float(c.temperature)
-        if self.temperature <= 0:
-            raise ValueError(f"simclr.temperature must be > 0, got {self.temperature}")
         self.img_size = int(c.img_size or cfg.model.img_size)
         synced = False
         if bool(c.sync_bn) and du.is_dist() and torch.distributed.get_backend() == "nccl":

@@ -1,4 +1,4 @@
-"""iBOT / DINOv2 block masking of the student's global crops.
+"""Patch masks: iBOT / DINOv2 block masks of the student's global crops, MAE random masking.
 
 Masks are rectangles of patches (BEiT-style blocks) rather than scattered patches: a scattered
 patch is trivially in-painted from its neighbours, a block has to be understood. As in DINOv2's
@@ -8,6 +8,15 @@ uniformly in the i-th of n equal bins, so one batch always covers the whole rang
 
 Randomness comes from the `random` module (or a given random.Random): DataLoader workers reseed
 it per worker, so workers do not repeat each other's masks.
+
+They are built in the loader's collate (DINOv2's collate_data_and_cast), i.e. in the DataLoader
+workers, so the training step never waits for them.
+
+Example:
+    >>> import random
+    >>> masks = sample_crop_masks(4, BlockMaskGenerator(4, rng=random.Random(0)), rng=random.Random(0))
+    >>> masks.shape, int((masks.sum(dim=1) > 0).sum())  # 4 crops of 16 patches, half masked
+    (torch.Size([4, 16]), 2)
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import random
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +121,71 @@ def sample_crop_masks(
     if not masks:
         return torch.zeros(0, n_patches, dtype=torch.bool)
     return torch.from_numpy(np.stack(masks).reshape(n_crops, n_patches))
+
+
+def random_masking(
+    batch: int, n_patches: int, mask_ratio: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-sample shuffle: (ids_keep (B, K), mask (B, N) 1 = removed, ids_restore (B, N)).
+
+    Each image keeps a random int(N * (1 - mask_ratio)) of its patches (argsort of uniform noise).
+    """
+    n_keep = int(n_patches * (1 - mask_ratio))
+    if n_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {n_patches}")
+    noise = torch.rand(batch, n_patches, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(batch, n_patches, device=device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, mask, ids_restore
+
+
+class MultiCropCollate:
+    """Per-sample multi-crop views -> one crop-major batch with iBOT masks, in the loader workers
+    (DINOv2's collate_data_and_cast).
+
+    A sample is (views, label...) with views = {"global_crops": [C x H x W, ...], "local_crops":
+    [...]} as a multi-crop transform makes them. The batch is ({"global_crops": (n_global*B, C, H,
+    W) crop-major [crop 0 of every image, crop 1 of every image], "local_crops": (n_local*B, ...)
+    or None, "masks": (n_global*B, n_patches) bool or None, "mask_indices": flat indices of the
+    masked patches or None}, labels). No mask generator: no masks.
+    """
+
+    def __init__(
+        self,
+        mask_generator: BlockMaskGenerator | None = None,
+        mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+    ) -> None:
+        self.mask_generator = mask_generator
+        self.mask_ratio_min_max = tuple(mask_ratio_min_max)
+        self.mask_probability = mask_probability
+
+    def crops(self, views: dict) -> dict[str, torch.Tensor | None]:
+        """Views collated per crop ({"global_crops": [B x ...] per crop, ...}) -> the batch dict."""
+        global_crops = torch.cat(list(views["global_crops"]))
+        local = list(views.get("local_crops") or [])
+        masks = mask_indices = None
+        if self.mask_generator is not None:
+            masks = sample_crop_masks(
+                global_crops.shape[0],
+                self.mask_generator,
+                self.mask_ratio_min_max,
+                self.mask_probability,
+            )
+            mask_indices = masks.flatten().nonzero().flatten()
+        return {
+            "global_crops": global_crops,
+            "local_crops": torch.cat(local) if local else None,
+            "masks": masks,
+            "mask_indices": mask_indices,
+        }
+
+    def __call__(self, samples: list) -> tuple:
+        """[(views, label[, key]), ...] -> (batch dict, labels[, keys])."""
+        views = default_collate([s[0] for s in samples])
+        rest = [default_collate(list(column)) for column in zip(*(s[1:] for s in samples))]
+        return (self.crops(views), *rest)

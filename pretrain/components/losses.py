@@ -1,11 +1,20 @@
-"""DINOv2 losses as reusable pieces: DINO cross-entropy (softmax-centering or Sinkhorn-Knopp teacher),
-iBOT masked-patch cross-entropy, KoLeo.
+"""Self-supervised losses as plain functions on tensors (and, where a running center is state, small
+modules): DINO cross-entropy with a softmax-centred or Sinkhorn-Knopp teacher, iBOT masked-patch
+cross-entropy, KoLeo, NT-Xent (SimCLR) and MAE's normalised-pixel loss.
 
-Each loss is a plain function on tensors plus, where state is needed (the running center), a small
-module. They follow facebookresearch/dinov2 numerically (same normalisations, same center momentum,
-same Sinkhorn-Knopp marginals) so a recipe tuned there means the same here. Centering and
-Sinkhorn-Knopp sum over all ranks when torch.distributed is initialised: the teacher targets must be
-balanced over the global batch, not per GPU.
+They follow the reference code numerically (facebookresearch/dinov2, google-research/simclr,
+facebookresearch/mae: same normalisations, center momentum, Sinkhorn-Knopp marginals), so a recipe
+tuned there means the same here. Under torch.distributed, centering, Sinkhorn-Knopp and NT-Xent's
+negatives span all ranks: targets are balanced over the global batch, not per GPU. None of them
+reads a config: any training loop can use them.
+
+Example (DINO loss of 2 global + 2 local student crops against 2 teacher crops, batch 4, K 8):
+    >>> import torch
+    >>> loss_fn = DINOLoss(out_dim=8)
+    >>> probs = loss_fn.teacher_probs(torch.randn(2 * 4, 8), teacher_temp=0.04).view(2, 4, 8)
+    >>> loss = loss_fn(torch.randn(2, 4, 8), torch.randn(2, 4, 8), probs)
+    >>> loss.ndim, bool(loss > 0)
+    (0, True)
 """
 
 from __future__ import annotations
@@ -17,21 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain import distributed as du
+
 logger = logging.getLogger(__name__)
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _all_reduce_(tensor: Tensor) -> Tensor:
-    if _dist_on():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,17 +88,15 @@ def sinkhorn_knopp(
     """
     logits = teacher_logits.float()
     # Subtracting the global max leaves the normalised result unchanged and keeps exp() finite.
-    shift = logits.max().clone()
-    if _dist_on():
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    shift = du.all_reduce_max(logits.max().clone())
     q = torch.exp((logits - shift) / teacher_temp).t()  # (K, N)
     n_prototypes = q.shape[0]
     if n_samples is None:
-        n_samples = q.shape[1] * _world_size()
-    q /= _all_reduce_(q.sum())
+        n_samples = q.shape[1] * du.world_size()
+    q /= du.all_reduce_sum(q.sum())
     for _ in range(n_iterations):
         # rows: every prototype gets total mass 1/K (summed over all ranks)
-        q /= _all_reduce_(q.sum(dim=1, keepdim=True))
+        q /= du.all_reduce_sum(q.sum(dim=1, keepdim=True))
         q /= n_prototypes
         # columns: every sample gets mass 1/N
         q /= q.sum(dim=0, keepdim=True)
@@ -111,7 +106,13 @@ def sinkhorn_knopp(
 
 
 class _CenteredTeacherLoss(nn.Module):
-    """The teacher-side state DINO and iBOT share: temperatures, normalisation, a running center."""
+    """The teacher-side state DINO and iBOT share: temperatures, normalisation, a running center.
+
+    The center update is split in two, as in DINOv2: `teacher_probs` uses the current center and
+    starts the all-reduce of this step's teacher statistics without waiting for it; `forward` (the
+    student's loss, computed after the student pass) finishes it. The network traffic overlaps the
+    student's forward instead of stalling before it; the arithmetic is unchanged.
+    """
 
     def __init__(
         self,
@@ -131,27 +132,49 @@ class _CenteredTeacherLoss(nn.Module):
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
-
-
-class DINOLoss(_CenteredTeacherLoss):
-    """DINO loss with its teacher-side normalisation ("centering" or "sinkhorn_knopp").
-
-    Usage per step: probs = loss.teacher_probs(teacher_logits, temp) (also updates the center),
-    then loss(student_global, student_local, probs.view(n_global, B, K)).
-    """
+        self._pending: tuple[Tensor, float, object] | None = None
 
     @torch.no_grad()
     def softmax_center(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """softmax((t - center) / temp); the center is the running mean of teacher logits."""
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
+    def _center_statistics(self, teacher_logits: Tensor) -> tuple[Tensor, float]:
+        """(this rank's tensor to sum over ranks, divisor of the sum) for the center update."""
+        raise NotImplementedError
+
     @torch.no_grad()
+    def begin_center_update(self, teacher_logits: Tensor) -> None:
+        total, divisor = self._center_statistics(teacher_logits)
+        handle = dist.all_reduce(total, async_op=True) if du.is_dist() else None
+        self._pending = (total, divisor, handle)
+
+    @torch.no_grad()
+    def finish_center_update(self) -> None:
+        """center <- m * center + (1 - m) * this step's mean over all ranks (no-op if none pending)."""
+        if self._pending is None:
+            return
+        total, divisor, handle = self._pending
+        self._pending = None
+        if handle is not None:
+            handle.wait()
+        self.center.mul_(self.center_momentum).add_(total / divisor, alpha=1 - self.center_momentum)
+
     def update_center(self, teacher_logits: Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of this step's teacher logits over all ranks."""
+        self.begin_center_update(teacher_logits)
+        self.finish_center_update()
+
+
+class DINOLoss(_CenteredTeacherLoss):
+    """DINO loss with its teacher-side normalisation ("centering" or "sinkhorn_knopp").
+
+    Usage per step: probs = loss.teacher_probs(teacher_logits, temp) (starts the center update),
+    then loss(student_global, student_local, probs.view(n_global, B, K)) (completes it).
+    """
+
+    def _center_statistics(self, teacher_logits: Tensor) -> tuple[Tensor, float]:
         batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
-        _all_reduce_(batch_sum)
-        batch_mean = batch_sum / (teacher_logits.shape[0] * _world_size())
-        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
+        return batch_sum, float(teacher_logits.shape[0] * du.world_size())
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
@@ -159,12 +182,13 @@ class DINOLoss(_CenteredTeacherLoss):
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
         probs = self.softmax_center(teacher_logits, teacher_temp)
-        self.update_center(teacher_logits)
+        self.begin_center_update(teacher_logits)
         return probs
 
     def forward(
         self, student_global: Tensor | None, student_local: Tensor | None, teacher_probs: Tensor
     ) -> Tensor:
+        self.finish_center_update()
         return dino_cross_entropy(student_global, student_local, teacher_probs, self.student_temp)
 
 
@@ -200,30 +224,28 @@ def ibot_masked_cross_entropy(
 class iBOTPatchLoss(_CenteredTeacherLoss):  # noqa: N801 -- the method's published name
     """iBOT loss with its own running center (patch logits have other statistics than class logits)."""
 
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
+    def _center_statistics(self, teacher_logits: Tensor) -> tuple[Tensor, float]:
         """Mean over this rank's masked patches, averaged over ranks (DINOv2's patch center)."""
         if teacher_logits.shape[0] == 0:
             batch_mean = self.center.new_zeros(self.center.shape)
         else:
             batch_mean = teacher_logits.float().mean(dim=0, keepdim=True)
-        _all_reduce_(batch_mean)
-        batch_mean /= _world_size()
-        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
+        return batch_mean, float(du.world_size())
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         if self.centering == "sinkhorn_knopp":
             n_samples = torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device)
-            n_samples = int(_all_reduce_(n_samples).item())
+            n_samples = int(du.all_reduce_sum(n_samples).item())
             return sinkhorn_knopp(
                 teacher_logits, teacher_temp, self.sinkhorn_iterations, n_samples=max(n_samples, 1)
             )
-        probs = F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-        self.update_center(teacher_logits)
+        probs = self.softmax_center(teacher_logits, teacher_temp)
+        self.begin_center_update(teacher_logits)
         return probs
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+        self.finish_center_update()
         return ibot_masked_cross_entropy(student_logits, teacher_probs, masks, self.student_temp)
 
 
@@ -249,3 +271,67 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
 class KoLeoLoss(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return koleo_loss(features)
+
+
+# --------------------------------------------------------------------------------------------------
+# NT-Xent (SimCLR)
+# --------------------------------------------------------------------------------------------------
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
+    """NT-Xent over the global batch: mean over this rank's 2B anchors of
+    -log( exp(s(a, a+)/t) / sum_{k != a} exp(s(a, k)/t) ), s = cosine similarity,
+    k ranging over all 2N views of all ranks (SimCLR's `add_contrastive_loss`, averaged).
+
+    z1, z2: (B, D) projections of view 1 / view 2 of this rank's images. With `gather`, the
+    negatives come from every rank through `all_gather_with_grad`, so 2 ranks x B images train
+    like 1 x 2B images.
+    """
+    z1 = F.normalize(z1.float(), dim=-1)
+    z2 = F.normalize(z2.float(), dim=-1)
+    b = z1.shape[0]
+    if gather and du.is_dist():
+        k1, k2 = du.all_gather_with_grad(z1), du.all_gather_with_grad(z2)
+        offset = dist.get_rank() * b
+    else:
+        k1, k2, offset = z1, z2, 0
+    n = k1.shape[0]
+    idx = torch.arange(b, device=z1.device) + offset
+    self_mask = F.one_hot(idx, n).bool()
+    logits_aa = (z1 @ k1.T / temperature).masked_fill(self_mask, float("-inf"))
+    logits_bb = (z2 @ k2.T / temperature).masked_fill(self_mask, float("-inf"))
+    logits_ab = z1 @ k2.T / temperature
+    logits_ba = z2 @ k1.T / temperature
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), idx)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), idx)
+    return 0.5 * (loss_a + loss_b)
+
+
+# --------------------------------------------------------------------------------------------------
+# MAE pixel reconstruction
+# --------------------------------------------------------------------------------------------------
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, patch*patch*C), row-major patches, pixels (p, q, c) as in MAE."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """Mean over removed patches of the per-patch MSE; targets normalised per patch if norm_pix
+    (mean, unbiased variance + 1e-6, exactly MAE's `forward_loss`).
+
+    pred, target: (B, N, P) per-patch pixels (see `patchify`); mask: (B, N), 1 = removed.
+    """
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
