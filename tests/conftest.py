@@ -4,6 +4,9 @@ loudly: a silently skipped data test is a test that cannot fail."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,23 +66,39 @@ def ramp_npz(tmp_path_factory) -> Path:
     return path
 
 
-class StopRun(Exception):
-    """TEST-ONLY: leave a run at a given step, as a preemption would."""
+_KILL_CHILD = """
+import importlib, os, signal, sys
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+module, name, step = sys.argv[1].rsplit(".", 1) + [int(sys.argv[2])]
+method = getattr(importlib.import_module(module), name)
+forward_loss = method.forward_loss
+def forward_or_die(self, batch, state):
+    if state.step == step:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real, unannounced death mid-run
+    return forward_loss(self, batch, state)
+method.forward_loss = forward_or_die
+from pretrain.__main__ import main
+sys.exit(main(["--config", sys.argv[3]]))
+"""
 
 
-def run_interrupted(cfg, method_cls: type, stop_step: int, monkeypatch) -> None:
-    """Run `cfg` until step `stop_step` begins and die there (as a kill would; the checkpoints
-    written so far stay), then restore the method for the resumed run."""
-    from pretrain.train import run
+def run_killed(cfg, method_cls: type, kill_step: int) -> None:
+    """Run `cfg` as `python -m pretrain` in a child process that SIGKILLs itself when step
+    `kill_step` begins (the checkpoints written so far stay), with this process's thread count
+    so that its arithmetic is the same as an in-process run's."""
+    from omegaconf import OmegaConf
 
-    original = method_cls.forward_loss
-
-    def stop(self, batch, state):
-        if state.step == stop_step:
-            raise StopRun
-        return original(self, batch, state)
-
-    monkeypatch.setattr(method_cls, "forward_loss", stop)
-    with pytest.raises(StopRun):
-        run(cfg)
-    monkeypatch.setattr(method_cls, "forward_loss", original)
+    recipe = Path(cfg.output_dir).parent / f"{Path(cfg.output_dir).name}-config.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, recipe)
+    target = f"{method_cls.__module__}.{method_cls.__qualname__}"
+    args = [target, str(kill_step), str(recipe), str(torch.get_num_threads())]
+    result = subprocess.run(
+        [sys.executable, "-c", _KILL_CHILD, *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]

@@ -199,9 +199,18 @@ def test_ibot_masked_loss_by_hand():
 
 
 def test_ibot_center_is_mean_over_masked_patches():
+    """Teacher patch logits of 2 images x 3 patches; the masks pick 3 of the 6 patches, selected
+    as the method selects them (row-major mask indices). Only those move the center."""
+    patch_logits = torch.tensor(
+        [[[1.0, 3.0], [100.0, 100.0], [3.0, 5.0]], [[-50.0, 9.0], [7.0, 1.0], [2.0, 4.0]]]
+    )
+    masks = torch.tensor([[True, False, True], [False, False, True]])
+    indices = masks.flatten().nonzero().flatten()
+    masked = patch_logits.flatten(0, 1).index_select(0, indices)
     loss = iBOTPatchLoss(out_dim=2, center_momentum=0.9)
-    probs = loss.teacher_probs(torch.tensor([[1.0, 3.0], [3.0, 5.0]]), teacher_temp=0.07)
-    loss(torch.zeros(2, 2), probs, torch.tensor([[True, True]]))  # completes the center update
+    probs = loss.teacher_probs(masked, teacher_temp=0.07)
+    loss(torch.zeros(3, 2), probs, masks)  # completes the center update
+    # mean of the masked rows [1, 3], [3, 5], [2, 4] = [2, 4]; center = 0.1 * [2, 4]
     assert loss.center[0].tolist() == pytest.approx([0.2, 0.4], rel=1e-6)
 
 
@@ -399,3 +408,53 @@ def test_dinov2_sinkhorn_variant_and_monitor():
     out = method.monitor_embeddings(batch)
     assert out["embeddings"].shape == (6, 192) and out["probs"].shape == (6, 64)
     assert torch.allclose(out["probs"].sum(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_npz, tmp_path):
+    """The iBOT masks are drawn in the loader's collate now: a run killed at step 3 and resumed
+    must still draw the same masks and crops as the uninterrupted one."""
+    from pretrain.checkpoint import load_newest
+    from pretrain.config import compose_config
+    from pretrain.methods.dinov2 import DINOv2
+    from pretrain.train import run
+    from pretrain.validation import validate
+    from tests.conftest import run_killed
+
+    def config(out):
+        overrides = {
+            "method": "dinov2",
+            "output_dir": out,
+            "data.train": f"{ramp_npz}:train",
+            "data.batch_size": 8,
+            "data.num_workers": 0,
+            "data.channels": 1,
+            "model.arch": "vit_tiny",
+            "model.patch_size": 4,
+            "model.img_size": 16,
+            "model.in_chans": 1,
+            "optim.max_steps": 4,
+            "optim.warmup_steps": 1,
+            "train.precision": "fp32",
+            "train.checkpoint_every": 2,
+            "train.progress": False,
+            "monitor.plot": False,
+            "dinov2.dino.head_n_prototypes": 16,
+            "dinov2.dino.head_hidden_dim": 32,
+            "dinov2.dino.head_bottleneck_dim": 8,
+            "dinov2.crops.global_crops_size": 16,
+            "dinov2.crops.local_crops_size": 8,
+            "dinov2.crops.local_crops_number": 2,
+        }
+        cfg = compose_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        validate(cfg)
+        return cfg
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(config(straight))
+    run_killed(config(resumed), DINOv2, 3)
+    assert load_newest(resumed / "checkpoints")[1]["step"] == 2
+    run(config(resumed))
+    a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

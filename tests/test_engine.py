@@ -44,6 +44,7 @@ from pretrain.methods import SSLMethod, StepState, build_method, register_method
 from pretrain.monitor import CollapseMonitor, collapse_stats, entropy_stats, knn_top1, read_metrics
 from pretrain.schedules import cosine_schedule
 from pretrain.train import run
+from pretrain.transforms import eval_transform
 from pretrain.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,7 +455,27 @@ def test_online_knn_collapse_monitor_and_curves(tiny_npz, tmp_path):
         )
     )
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
-    assert 0.0 <= records[2]["knn_top1"] <= 1.0 and "knn_top1" not in records[1]
+    assert "knn_top1" not in records[1] and "knn_top1" in records[2]
+    # the step-4 k-NN, recomputed by hand from the final export (the same weights): cosine
+    # similarity of L2-normalised features, the 5 nearest vote with weight exp(s / 0.07)
+    model, meta = load_backbone(out / "export")
+    transform = eval_transform(meta["img_size"], meta["channels"])
+    feats, labels = {}, {}
+    with np.load(tiny_npz) as npz, torch.no_grad():
+        for split in ("train", "val"):
+            x = [
+                transform(torch.from_numpy(im / 255.0).float()[None])
+                for im in npz[f"{split}_images"]
+            ]
+            feats[split] = F.normalize(model(torch.stack(x)), dim=1).numpy()
+            labels[split] = npz[f"{split}_labels"][:, 0]
+    sims = feats["val"] @ feats["train"].T
+    votes = np.zeros((len(sims), 2))
+    for i, row in enumerate(np.argsort(-sims, axis=1)[:, :5]):
+        for j in row:
+            votes[i, labels["train"][j]] += np.exp(sims[i, j] / 0.07)
+    by_hand = float((votes.argmax(1) == labels["val"]).mean())
+    assert records[4]["knn_top1"] == pytest.approx(by_hand, abs=1e-9)
     for key in (
         "loss",
         "cosine",
@@ -512,11 +533,30 @@ def test_checkpoints_are_atomic_keep_last_k_and_skip_corrupt_ones(tmp_path):
             {"format": 1, "step": step, "rng": [(3, (1, 2), None)]}, d, step, keep_last=2
         )
     assert [s for s, _ in list_checkpoints(d)] == [3, 4]
-    (d / ".ckpt-00000005.pt.tmp").write_bytes(b"half-written")  # a kill during a save
+    # A real SIGKILL during a save: the child stops inside the write (before fsync and rename).
+    child = (
+        "import os, sys, time, torch\n"
+        "from pretrain.checkpoint import save_checkpoint\n"
+        "def stall(fd):\n"
+        "    print('writing', flush=True); time.sleep(120)\n"
+        "os.fsync = stall\n"
+        "state = {'format': 1, 'step': 5, 'w': torch.ones(1 << 20)}\n"
+        "save_checkpoint(state, sys.argv[1], 5, keep_last=2)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(d)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert (d / ".ckpt-00000005.pt.tmp").is_file() and not (d / "ckpt-00000005.pt").exists()
+    assert [s for s, _ in list_checkpoints(d)] == [3, 4]  # nothing older was pruned either
     (d / "ckpt-00000006.pt").write_bytes(b"garbage")  # a corrupt copy
     path, state = load_newest(d)
     assert state["step"] == 4 and path.name == "ckpt-00000004.pt"
     assert load_checkpoint(path)["rng"][0][1] == (1, 2)
+    save_checkpoint({"format": 1, "step": 5, "rng": []}, d, 5, keep_last=2)
+    assert not (d / ".ckpt-00000005.pt.tmp").exists()  # the next save clears the leftover
 
 
 # ---- runs that cannot be lost: unreadable checkpoints --------------------------------------------
@@ -675,5 +715,11 @@ def test_metrics_are_strict_json_lines(tiny_npz, tmp_path):
     EngineTestMethod.nan_steps = {0}
     out = tmp_path / "json"
     run(config(tiny_npz, out, **{"optim.max_steps": 2}))
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    records = [
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2]  # train.log_every=1: one line per step
+    # the skipped step's NaN loss is left out of the means, not written as a NaN constant
+    assert "loss" not in records[0] and records[0]["nan_skipped"] == 1
+    assert isinstance(records[1]["loss"], float) and records[1]["nan_skipped"] == 1

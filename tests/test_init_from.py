@@ -24,7 +24,7 @@ from pretrain.methods import build_method
 from pretrain.methods.mae import MAE
 from pretrain.train import run
 from pretrain.validation import validate
-from tests.conftest import run_interrupted
+from tests.conftest import run_killed
 
 VIT = {"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1}
 
@@ -280,11 +280,11 @@ def test_heads_only_warmup_freezes_the_backbone_for_n_steps(ramp_npz, tmp_path):
     )
 
 
-def test_resume_does_not_reapply_init_from(ramp_npz, tmp_path, monkeypatch):
+def test_resume_does_not_reapply_init_from(ramp_npz, tmp_path):
     src = tmp_path / "src"
     run(mae_config(ramp_npz, src, **{"optim.max_steps": 0}))
     cfg = mae_config(ramp_npz, tmp_path / "run", **{"init.from": src / "export"})
-    run_interrupted(cfg, MAE, 3, monkeypatch)
+    run_killed(cfg, MAE, 3)
     # the source is gone: a resumed run that re-applied init.from would fail to read it
     (src / "export" / "backbone.safetensors").write_bytes(b"not weights")
     run(cfg)

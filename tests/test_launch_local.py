@@ -21,6 +21,7 @@ from launch.jobs import StageFailed, StageJob, TaskPlace
 from launch.pipeline import plan_pipeline
 from launch.results import gather_eval_table
 from launch.stages import backbone_label
+from pretrain.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,17 @@ def test_local_cluster_ranks_form_one_gloo_group(tmp_path, medssl_data, capsys):
             "model.patch_size=4",
             "model.img_size=28",
             "model.in_chans=1",
-            "optim.max_steps=0",
+            "method=mae",
+            "mae.decoder_depth=1",
+            "mae.decoder_embed_dim=32",
+            "mae.decoder_num_heads=2",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "optim.max_steps=2",
+            "optim.warmup_steps=0",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.progress=false",
             "train.device=cpu",
             "--cluster",
             "local",
@@ -203,7 +214,10 @@ def test_local_cluster_ranks_form_one_gloo_group(tmp_path, medssl_data, capsys):
     assert sorted((r["rank"], r["world_size"]) for r in results) == [(0, 2), (1, 2)]
     rank0 = (Path(results[0]["log_dir"]) / "rank0.err").read_text()
     assert "process group ready: rank 0/2 (env, backend gloo" in rank0
-    assert (out / "export").is_dir()
+    # two steps trained with gradients all-reduced over both ranks: a global batch of 4 x 2
+    assert "global batch 8 (4 x 2)" in rank0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "checkpoints" / "ckpt-00000002.pt").is_file() and (out / "export").is_dir()
     starts = [r for r in read_attempts(out) if r["event"] == "start"]
     assert sorted(r["rank"] for r in starts) == [0, 1] and len({r["job_id"] for r in starts}) == 1
 

@@ -18,7 +18,7 @@ from pretrain.engine import Engine
 from pretrain.methods.mae import MAE
 from pretrain.train import run
 from pretrain.validation import validate
-from tests.conftest import run_interrupted
+from tests.conftest import run_killed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,10 +107,10 @@ def test_encoder_sees_only_kept_patches_and_matches_timm_when_nothing_is_masked(
     assert method.backbone_for_export() is method.encoder
 
 
-def test_mae_resumes_exactly_and_exports_the_encoder(ramp_npz, tmp_path, monkeypatch):
+def test_mae_resumes_exactly_after_sigkill_and_exports_the_encoder(ramp_npz, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(mae_config(ramp_npz, straight))
-    run_interrupted(mae_config(ramp_npz, resumed), MAE, 2, monkeypatch)
+    run_killed(mae_config(ramp_npz, resumed), MAE, 2)
     run(mae_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4

@@ -25,7 +25,7 @@ from pretrain.methods.simclr import SimCLR, zero_init_residual_
 from pretrain.optim import build_optimizer, param_groups_lrd
 from pretrain.train import run
 from pretrain.validation import validate
-from tests.conftest import run_interrupted
+from tests.conftest import run_killed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,10 +181,10 @@ def simclr_config(npz, out, **extra):
     return cfg
 
 
-def test_simclr_resumes_exactly_with_lars_and_exports_the_backbone(ramp_npz, tmp_path, monkeypatch):
+def test_simclr_resumes_exactly_after_sigkill_with_lars_and_exports_the_backbone(ramp_npz, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(simclr_config(ramp_npz, straight))
-    run_interrupted(simclr_config(ramp_npz, resumed), SimCLR, 2, monkeypatch)
+    run_killed(simclr_config(ramp_npz, resumed), SimCLR, 2)
     run(simclr_config(ramp_npz, resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4
