@@ -124,4 +124,3 @@ def self_distillation_schedules(
         "teacher_temp": warmup_then_constant(warmup_teacher_temp, teacher_temp, warmup, total),
         "last_layer_lr": freeze_first(np.asarray(lr_schedule, dtype=np.float64), freeze),
     }
-

@@ -181,7 +181,9 @@ def simclr_config(npz, out, **extra):
     return cfg
 
 
-def test_simclr_resumes_exactly_after_sigkill_with_lars_and_exports_the_backbone(ramp_npz, tmp_path):
+def test_simclr_resumes_exactly_after_sigkill_with_lars_and_exports_the_backbone(
+    ramp_npz, tmp_path
+):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(simclr_config(ramp_npz, straight))
     run_killed(simclr_config(ramp_npz, resumed), SimCLR, 2)
