@@ -451,7 +451,7 @@ def fingerprint_of(*parts: Any, hashes: ContentHashes | None = None) -> str:
         st = path.stat()
         return [str(path), st.st_size, st.st_mtime_ns]
 
-    def plain(x: Any) -> Any:
+    def identity(x: Any) -> Any:
         if isinstance(x, DatasetSpec):
             files = x.shards if x.kind == "shards" else (x.path,)
             if hashes is not None:
@@ -461,4 +461,4 @@ def fingerprint_of(*parts: Any, hashes: ContentHashes | None = None) -> str:
             return [x.kind, x.split, [stat(Path(f)) for f in files]]
         return x
 
-    return fingerprint(*[plain(p) for p in parts])
+    return fingerprint(*[identity(p) for p in parts])

@@ -41,6 +41,7 @@ from pretrain.config import load_config, save_config, split_overrides
 from pretrain.data import readers, shards
 from pretrain.data.dicom import BURNED_IN_POLICIES
 from pretrain.data.readers import NPZ_SPLITS, UnreadableImageError
+from pretrain.io import atomic_write
 from pretrain.privacy import SALT_ENV, PrivacyError, SiteKey, private_jsonl, resolve_site_key
 
 logger = logging.getLogger(__name__)
@@ -259,12 +260,6 @@ def process_unit(task: tuple[Unit, int, dict, Naming]) -> tuple[list[dict], str 
 
 
 # ------------------------------------------------------------------------------ resume state
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
@@ -282,7 +277,7 @@ def _committed_records(out: Path, parts: Path, shard_size: int) -> list[list[dic
             lines = [json.loads(line) for line in part.read_text().splitlines()]
         except (FileNotFoundError, json.JSONDecodeError):
             lines = [{**rec, "shard": shard.name} for rec in shards.iter_shard_records(shard)]
-            _write_atomic(part, _jsonl(lines))
+            atomic_write(part, _jsonl(lines))
         if index < len(tars) - 1 and len(lines) != shard_size:
             raise IngestError(
                 f"{out}: {shard.name} holds {len(lines)} samples, not shard_size="
@@ -307,7 +302,7 @@ def _load_rejections(path: Path) -> dict[str, str]:
             continue
         if not is_transient(record["reason"]):
             good.append(record)
-    _write_atomic(path, _jsonl(good))
+    atomic_write(path, _jsonl(good))
     return {r["source"]: r["reason"] for r in good}
 
 
@@ -365,7 +360,7 @@ def _check_same_key(out: Path, naming: Naming) -> None:
                 f"{out} was ingested with sources={old.get('sources')}; re-run with "
                 "it or use a new --out"
             )
-    _write_atomic(path, json.dumps(mine, indent=2) + "\n")
+    atomic_write(path, json.dumps(mine, indent=2) + "\n")
 
 
 def _check_same_settings(out: Path, cfg: DictConfig) -> None:
@@ -514,7 +509,7 @@ class _ShardSink:
         if self.hook and self.hook == (self.commits, -1):
             os._exit(75)
         self.lines.append([{**rec, "shard": path.name} for rec in self.writer.records])
-        _write_atomic(self.parts / f"{path.stem}.jsonl", _jsonl(self.lines[-1]))
+        atomic_write(self.parts / f"{path.stem}.jsonl", _jsonl(self.lines[-1]))
         self.writer = None
 
     def abort(self) -> None:
@@ -529,15 +524,15 @@ def _finish(
     rejections: dict[str, str],
     started: float,
 ) -> dict[str, Any]:
-    _write_atomic(out / "manifest.jsonl", "".join(_jsonl(lines) for lines in shard_lines))
+    atomic_write(out / "manifest.jsonl", "".join(_jsonl(lines) for lines in shard_lines))
     ordered = list(dict.fromkeys(name for name in names if name in rejections))
     rejected = [{"source": base, "reason": rejections[base]} for base in ordered]
-    _write_atomic(out / "rejected.jsonl", _jsonl(rejected))
+    atomic_write(out / "rejected.jsonl", _jsonl(rejected))
     ingested, seconds = sum(map(len, shard_lines)), round(time.time() - started, 3)
     summary = dict(
         ingested=ingested, rejected=len(rejected), seconds=seconds, shards=len(shard_lines)
     )
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

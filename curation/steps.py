@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig
 
+from pretrain.config import plain
 from pretrain.data.specs import parse_spec
+from pretrain.io import atomic_open, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -33,29 +35,19 @@ HASH_CHUNK = 1 << 22
 
 def fingerprint(*parts: Any) -> str:
     """Short sha256 of JSON-able parts (configs resolved)."""
-    text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{"dedup.threshold": 0.99, ...}: what a log line names when a setting changed."""
-    tree = _plain(tree)
+    tree = plain(tree)
     if isinstance(tree, Mapping) and tree:
         out: dict[str, Any] = {}
         for k, v in tree.items():
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class ContentHashes:
@@ -112,7 +104,7 @@ class ContentHashes:
 
     def save(self) -> None:
         if self.dirty:
-            _atomic_write_text(self.path, json.dumps(self.known))
+            atomic_write(self.path, json.dumps(self.known))
             self.dirty = False
 
 
@@ -216,11 +208,10 @@ class Steps:
     ) -> None:
         (self.dir / f"{name}.json").unlink(missing_ok=True)  # its presence means done
         if arrays:
-            tmp = self.dir / f"{name}.tmp.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, self.dir / f"{name}.npz")
+            with atomic_open(self.dir / f"{name}.npz") as f:
+                np.savez(f, **arrays)
         doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
-        _atomic_write_text(self.dir / f"{name}.json", json.dumps(doc, default=_json_default))
+        atomic_write(self.dir / f"{name}.json", json.dumps(doc, default=_json_default))
         self.summaries[name] = {**summary, "cached": False}
         if os.environ.get(TEST_EXIT_ENV) == name:
             logger.warning("%s=%s: exiting as if killed", TEST_EXIT_ENV, name)

@@ -35,6 +35,7 @@ from eval.report import (
     write_metrics,
     write_report,
 )
+from pretrain import distributed as du
 from pretrain.backbones import BackboneError
 from pretrain.config import ConfigError, load_config, save_config
 from pretrain.data.readers import UnreadableImageError
@@ -138,7 +139,7 @@ def run_eval(
     extractor = _extractor(backbone, cfg, cache_dir)
     ctx = EvalContext.from_specs(cfg, extractor, train=train, test=test, val=val, out_dir=out_dir)
     timing["features"] = time.perf_counter() - start
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if du.is_dist() and dist.get_rank() != 0:
         return None  # rank 0 runs the protocols on the gathered features
     baselines: dict[str, Any] = {}
     raw_names = [n for n in names if n in [str(p) for p in cfg.raw_baseline]]
@@ -190,7 +191,7 @@ def run_eval(
 
 
 def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not du.is_dist():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if du.is_dist():
             dist.destroy_process_group()
     return 0
 

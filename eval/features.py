@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from eval.featureset import FeatureError, FeatureSet, center_on
+from pretrain import distributed as du
 from pretrain.data.specs import DatasetSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return du.is_dist() and du.world_size() > 1
 
 
 @torch.inference_mode()

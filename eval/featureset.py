@@ -12,12 +12,13 @@ probe measures the features a timm user of the export would get.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from pretrain.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +118,8 @@ class FeatureSet:
             arrays["patch_mean"] = self.patch_mean
         if self.patients is not None:
             arrays["patients"] = self.patients
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> FeatureSet:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from eval.adapters import AdaptedModel
 from eval.metrics import point_metrics
 from eval.protocols.base import EvalError
 from pretrain.checkpoint import unreadable_reason
+from pretrain.io import atomic_open
 from pretrain.optim import apply_lr_wd, check_param_groups, param_groups_lrd
 from pretrain.schedules import cosine_schedule
 
@@ -171,12 +171,10 @@ def _val_score(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def _save(state: dict[str, Any], path: Path) -> None:
     """Atomic write; a failure (disk full, permissions) names the file and leaves no temp file."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_open(path) as f:
+            torch.save(state, f)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
         raise FinetuneCheckpointError(f"{path}: cannot write checkpoint ({exc})") from exc
 
 

@@ -48,6 +48,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from eval.adaptation_report import adaptation_blocks, adaptation_section, plot_adaptation  # noqa: E402
 from eval.metrics import confusion_matrix  # noqa: E402
 from eval.protocols.base import EvalContext, ProtocolResult  # noqa: E402
+from pretrain.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,7 @@ def load_reference(path: str | Path | None, dataset: str) -> dict[str, Any] | No
 
 def write_metrics(doc: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
-    tmp.replace(path)
+    path = atomic_write(out_dir / "metrics.json", json.dumps(_json_safe(doc), indent=2) + "\n")
     with open(out_dir / "metrics.jsonl", "w") as f:
         groups = [("backbone", doc["protocols"])]
         groups += [(name, b["protocols"]) for name, b in doc.get("baselines", {}).items()]

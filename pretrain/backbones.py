@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from pretrain.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -224,12 +225,6 @@ def _as_channel_list(value: Any, in_chans: int, key: str) -> list[float] | None:
     return values
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None = None) -> Path:
     """Write backbone.safetensors (plain timm keys) + backbone.json; return out_dir.
 
@@ -275,8 +270,8 @@ def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None 
     text = json.dumps({"timm_kwargs": kwargs, "medssl": info}, indent=2, sort_keys=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILENAME, lambda p: safetensors.torch.save_file(state, str(p)))
-    _atomic_write(out / META_FILENAME, lambda p: p.write_text(text + "\n"))
+    atomic_write(out / WEIGHTS_FILENAME, safetensors.torch.save(state))
+    atomic_write(out / META_FILENAME, text + "\n")
     logger.info("exported %s backbone (%s) to %s", c["arch"], info["source"], out)
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
 import random
 import re
@@ -29,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pretrain import distributed as du
+from pretrain.config import plain
+from pretrain.io import atomic_open
 
 if TYPE_CHECKING:
     from pretrain.engine import Engine
@@ -90,19 +91,8 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep
     d.mkdir(parents=True, exist_ok=True)
     path = d / checkpoint_name(step)
     tmp = d / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, tmp_name=tmp.name) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
     if keep_last > 0:
         # Only checkpoints older than this one compete for the keep_last - 1 other places: newer
         # files (unreadable leftovers a resume skipped) must never push the new one out.
@@ -304,10 +294,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---- one run directory: checkpoints + export, resume -------------------------------------------
-
-
-def plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 @contextlib.contextmanager

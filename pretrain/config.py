@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.yaml"
@@ -84,6 +86,11 @@ def _check_against(default: Mapping, given: Mapping, prefix: str, source: str) -
                 f"{source}: config key '{path}' must be {_type_name(declared)}, "
                 f"got {_type_name(value)} {value!r}"
             )
+
+
+def plain(value: Any) -> Any:
+    """A config node as plain Python (dicts, lists), resolved; any other value as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _plain(cfg: DictConfig) -> dict:
@@ -220,11 +227,7 @@ def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
     """Write the merged config beside the outputs it produced (atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_FILENAME
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    return atomic_write(out / CONFIG_FILENAME, OmegaConf.to_yaml(cfg))
 
 
 def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:

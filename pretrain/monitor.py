@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from pretrain import distributed as du
 from pretrain.components.knn import knn_scores
+from pretrain.io import atomic_open, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class MetricsWriter:
             if resume_step is None
             else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
         )
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -324,8 +322,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_path)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(out) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 SALT_ENV = "MEDSSL_PATIENT_SALT"
@@ -135,10 +137,7 @@ def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, perms=0o600)
 
 
 def check_same_key(fingerprints: dict[str, Iterable[str | None]], purpose: str) -> str | None:

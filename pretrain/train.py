@@ -34,12 +34,11 @@ from pretrain.checkpoint import (
     EXPORT_DIR,
     ResumePoint,
     RunCheckpointer,
-    plain,
     plan_resume,
     preserve_rng,
     restore_rng,
 )
-from pretrain.config import save_config
+from pretrain.config import plain, save_config
 from pretrain.data.loader import build_train_loader
 from pretrain.data.specs import parse_spec
 from pretrain.engine import Engine

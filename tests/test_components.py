@@ -15,14 +15,15 @@ from torch.utils.data import DataLoader
 from pretrain.components.masked_vit import vit_embed, vit_encode, vit_forward, vit_tokens
 from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
 
-MODULES = ["ema", "heads", "knn", "losses", "masked_vit", "masks"]
+COMPONENTS = ["ema", "heads", "knn", "losses", "masked_vit", "masks"]
+EXAMPLES = [f"pretrain.components.{name}" for name in COMPONENTS] + ["pretrain.io"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_docstring_examples_run(name):
-    module = importlib.import_module(f"pretrain.components.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0, f"pretrain.components.{name} has no example"
+    assert result.attempted > 0, f"{name} has no example"
     assert result.failed == 0
 
 

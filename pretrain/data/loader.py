@@ -53,6 +53,7 @@ from pretrain.data.readers import npz_header
 from pretrain.data.shards import decode_sample
 from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.windowing import Window
+from pretrain.distributed import is_dist
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class LoaderState:
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """Explicit values win; else torch.distributed when initialised; else RANK/WORLD_SIZE; else 0/1."""
     if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_dist():
             d_rank, d_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         else:
             d_rank = int(os.environ.get("RANK", 0))
