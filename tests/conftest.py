@@ -66,6 +66,37 @@ def ramp_npz(tmp_path_factory) -> Path:
     return path
 
 
+# The shared shape of the suite's 4-step runs on 16 px images (tests add their method's keys).
+TINY_RUN = {
+    "data.batch_size": 8,
+    "data.num_workers": 0,
+    "data.channels": 1,
+    "model.arch": "vit_tiny",
+    "model.patch_size": 4,
+    "model.img_size": 16,
+    "model.in_chans": 1,
+    "optim.max_steps": 4,
+    "optim.warmup_steps": 1,
+    "train.precision": "fp32",
+    "train.checkpoint_every": 2,
+    "train.log_every": 1,
+    "train.progress": False,
+    "monitor.plot": False,
+}
+
+
+def tiny_run_config(method: str, npz, out, **overrides):
+    """The composed and validated config of a 4-step `method` run on `npz` (TINY_RUN + overrides)."""
+    from pretrain.config import compose_config
+    from pretrain.validation import validate
+
+    items = {"method": method, "output_dir": str(out), "data.train": f"{npz}:train", **TINY_RUN}
+    items.update(overrides)
+    cfg = compose_config(None, [f"{k}={v}" for k, v in items.items()])
+    validate(cfg)
+    return cfg
+
+
 _KILL_CHILD = """
 import importlib, os, signal, sys
 import torch

@@ -10,37 +10,19 @@ import torch.nn.functional as F
 
 from pretrain.backbones import load_backbone
 from pretrain.checkpoint import load_newest
-from pretrain.config import ConfigError, compose_config
+from pretrain.config import ConfigError
 from pretrain.methods import build_method
 from pretrain.methods.base import StepState
 from pretrain.methods.dino import DINO
 from pretrain.train import run
-from pretrain.validation import validate
-from tests.conftest import run_killed
+from tests.conftest import run_killed, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dino_config(npz, out, **extra):
-    base = {
-        "method": "dino",
-        "output_dir": str(out),
-        "data.train": f"{npz}:train",
-        "data.batch_size": 8,
-        "data.num_workers": 0,
-        "data.channels": 1,
-        "model.arch": "vit_tiny",
-        "model.patch_size": 4,
-        "model.img_size": 16,
-        "model.in_chans": 1,
-        "optim.max_steps": 4,
-        "optim.warmup_steps": 1,
+    overrides = {
         "optim.base_lr": 1e-3,
-        "train.precision": "fp32",
-        "train.checkpoint_every": 2,
-        "train.log_every": 1,
-        "train.progress": False,
-        "monitor.plot": False,
         "dino.head_n_prototypes": 16,
         "dino.head_hidden_dim": 32,
         "dino.head_bottleneck_dim": 8,
@@ -49,10 +31,7 @@ def dino_config(npz, out, **extra):
         "dino.crops.local_crops_number": 2,
         "dino.teacher.momentum_teacher": 0.9,
     }
-    base.update(extra)
-    cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
-    validate(cfg)
-    return cfg
+    return tiny_run_config("dino", npz, out, **{**overrides, **extra})
 
 
 def _views(n: int = 3) -> dict:

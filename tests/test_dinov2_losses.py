@@ -414,30 +414,12 @@ def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_n
     """The iBOT masks are drawn in the loader's collate now: a run killed at step 3 and resumed
     must still draw the same masks and crops as the uninterrupted one."""
     from pretrain.checkpoint import load_newest
-    from pretrain.config import compose_config
     from pretrain.methods.dinov2 import DINOv2
     from pretrain.train import run
-    from pretrain.validation import validate
-    from tests.conftest import run_killed
+    from tests.conftest import run_killed, tiny_run_config
 
     def config(out):
         overrides = {
-            "method": "dinov2",
-            "output_dir": out,
-            "data.train": f"{ramp_npz}:train",
-            "data.batch_size": 8,
-            "data.num_workers": 0,
-            "data.channels": 1,
-            "model.arch": "vit_tiny",
-            "model.patch_size": 4,
-            "model.img_size": 16,
-            "model.in_chans": 1,
-            "optim.max_steps": 4,
-            "optim.warmup_steps": 1,
-            "train.precision": "fp32",
-            "train.checkpoint_every": 2,
-            "train.progress": False,
-            "monitor.plot": False,
             "dinov2.dino.head_n_prototypes": 16,
             "dinov2.dino.head_hidden_dim": 32,
             "dinov2.dino.head_bottleneck_dim": 8,
@@ -445,9 +427,7 @@ def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_n
             "dinov2.crops.local_crops_size": 8,
             "dinov2.crops.local_crops_number": 2,
         }
-        cfg = compose_config(None, [f"{k}={v}" for k, v in overrides.items()])
-        validate(cfg)
-        return cfg
+        return tiny_run_config("dinov2", ramp_npz, out, **overrides)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(config(straight))

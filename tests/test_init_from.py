@@ -24,7 +24,7 @@ from pretrain.methods import build_method
 from pretrain.methods.mae import MAE
 from pretrain.train import run
 from pretrain.validation import validate
-from tests.conftest import run_killed
+from tests.conftest import run_killed, tiny_run_config
 
 VIT = {"arch": "vit_tiny", "patch_size": 4, "img_size": 16, "in_chans": 1}
 
@@ -224,35 +224,13 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path):
 
 
 def mae_config(npz, out, **extra):
-    base = {
-        "method": "mae",
-        "output_dir": str(out),
-        "data.train": f"{npz}:train",
-        "data.batch_size": 8,
-        "data.num_workers": 0,
-        "data.channels": 1,
-        "model.arch": "vit_tiny",
-        "model.patch_size": 4,
-        "model.img_size": 16,
-        "model.in_chans": 1,
-        "optim.max_steps": 4,
-        "optim.warmup_steps": 1,
+    overrides = {
         "optim.base_lr": 1.5e-3,
-        "optim.lr_reference_batch": 256,
-        "optim.lr_scaling": "linear",
-        "optim.layer_decay": 1.0,
-        "train.precision": "fp32",
-        "train.checkpoint_every": 2,
-        "train.progress": False,
-        "monitor.plot": False,
         "mae.decoder_depth": 1,
         "mae.decoder_embed_dim": 32,
         "mae.decoder_num_heads": 2,
     }
-    base.update(extra)
-    cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
-    validate(cfg)
-    return cfg
+    return tiny_run_config("mae", npz, out, **{**overrides, **extra})
 
 
 def test_heads_only_warmup_freezes_the_backbone_for_n_steps(ramp_npz, tmp_path):

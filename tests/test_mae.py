@@ -13,49 +13,22 @@ from pretrain.checkpoint import load_newest
 from pretrain.components.losses import mae_loss, patchify
 from pretrain.components.masked_vit import vit_encode_visible as encode_visible
 from pretrain.components.masks import random_masking
-from pretrain.config import compose_config
 from pretrain.engine import Engine
 from pretrain.methods.mae import MAE
 from pretrain.train import run
-from pretrain.validation import validate
-from tests.conftest import run_killed
+from tests.conftest import run_killed, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mae_config(npz, out, **extra):
-    base = {
-        "method": "mae",
-        "output_dir": str(out),
-        "data.train": f"{npz}:train",
-        "data.batch_size": 8,
-        "data.num_workers": 0,
-        "data.channels": 1,
-        "model.arch": "vit_tiny",
-        "model.patch_size": 4,
-        "model.img_size": 16,
-        "model.in_chans": 1,
-        "optim.max_steps": 4,
-        "optim.warmup_steps": 1,
+    overrides = {
         "optim.base_lr": 1.5e-3,
-        "optim.lr_reference_batch": 256,
-        "optim.lr_scaling": "linear",
-        "optim.betas": "[0.9,0.95]",
-        "optim.clip_grad": 0.0,
-        "optim.layer_decay": 1.0,
-        "train.precision": "fp32",
-        "train.checkpoint_every": 2,
-        "train.log_every": 1,
-        "train.progress": False,
-        "monitor.plot": False,
         "mae.decoder_depth": 1,
         "mae.decoder_embed_dim": 32,
         "mae.decoder_num_heads": 2,
     }
-    base.update(extra)
-    cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
-    validate(cfg)
-    return cfg
+    return tiny_run_config("mae", npz, out, **{**overrides, **extra})
 
 
 def test_random_masking_removes_three_quarters_per_image_and_restores_order():

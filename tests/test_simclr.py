@@ -18,14 +18,12 @@ from pretrain.backbones import build_backbone, load_backbone
 from pretrain.checkpoint import load_newest
 from pretrain.components.heads import projection_head
 from pretrain.components.losses import nt_xent_loss
-from pretrain.config import compose_config
 from pretrain.engine import Engine, use_channels_last
 from pretrain.lars import LARS
 from pretrain.methods.simclr import SimCLR, zero_init_residual_
 from pretrain.optim import build_optimizer, param_groups_lrd
 from pretrain.train import run
-from pretrain.validation import validate
-from tests.conftest import run_killed
+from tests.conftest import run_killed, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,39 +144,13 @@ def test_projection_head_v2_layout():
 
 
 def simclr_config(npz, out, **extra):
-    base = {
-        "method": "simclr",
-        "output_dir": str(out),
-        "data.train": f"{npz}:train",
-        "data.batch_size": 8,
-        "data.num_workers": 0,
-        "data.channels": 1,
+    overrides = {
         "model.arch": "resnet18",
-        "model.img_size": 16,
-        "model.in_chans": 1,
-        "optim.optimizer": "lars",
-        "optim.max_steps": 4,
-        "optim.warmup_steps": 1,
-        "optim.base_lr": 0.3,
-        "optim.lr_reference_batch": 256,
-        "optim.lr_scaling": "linear",
-        "optim.weight_decay": 1e-6,
-        "optim.weight_decay_end": 1e-6,
-        "optim.clip_grad": 0.0,
-        "optim.layer_decay": 1.0,
-        "train.precision": "fp32",
-        "train.checkpoint_every": 2,
-        "train.log_every": 1,
-        "train.progress": False,
-        "monitor.plot": False,
         "simclr.proj_hidden_dim": 32,
         "simclr.proj_out_dim": 16,
         "simclr.crop_scale": "[0.3,1.0]",
     }
-    base.update(extra)
-    cfg = compose_config(None, [f"{k}={v}" for k, v in base.items()])
-    validate(cfg)
-    return cfg
+    return tiny_run_config("simclr", npz, out, **{**overrides, **extra})
 
 
 def test_simclr_resumes_exactly_after_sigkill_with_lars_and_exports_the_backbone(

@@ -33,6 +33,16 @@ def make_ema_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
+def set_teacher_mode(teacher: nn.Module, training: bool) -> None:
+    """Eval mode (no dropout, no drop path) except BatchNorm, which follows `training`: a teacher
+    head's BN normalises with batch statistics, as DINO's does; its running statistics are buffers
+    the EMA does not carry, so eval mode would not normalise. Call it from the method's train()."""
+    teacher.eval()
+    for module in teacher.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(training)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers (their parameters are the same tensors)."""
     while isinstance(getattr(module, "module", None), nn.Module):

@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pretrain.backbones import VIT_SIZES, build_backbone
-from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher
+from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher, set_teacher_mode
 from pretrain.components.heads import DINOHead
 from pretrain.components.losses import DINOLoss
 from pretrain.components.masks import MultiCropCollate
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, plain
 from pretrain.methods import register_method
 from pretrain.methods.base import SSLMethod, StepState
 from pretrain.optim import param_groups_lrd
@@ -110,10 +110,7 @@ class DINO(SSLMethod):
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
-        self.teacher.eval()  # no drop path; head BatchNorm (if any) keeps batch statistics
-        for module in self.teacher.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train(mode)
+        set_teacher_mode(self.teacher, mode)
         return self
 
     def build_transform(self) -> Callable:
@@ -170,16 +167,11 @@ class DINO(SSLMethod):
         return groups + param_groups_lrd(self.student.head, prefix="head.", num_layers=0)
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        t = self.c.teacher
         return self_distillation_schedules(
             self.scaled_lr_schedule(total_steps),
             steps_per_epoch,
-            momentum_teacher=float(t.momentum_teacher),
-            final_momentum_teacher=float(t.final_momentum_teacher),
-            warmup_teacher_temp=float(t.warmup_teacher_temp),
-            teacher_temp=float(t.teacher_temp),
-            warmup_teacher_temp_epochs=float(t.warmup_teacher_temp_epochs),
             freeze_last_layer_epochs=float(self.c.freeze_last_layer_epochs),
+            **plain(self.c.teacher),
         )
 
     @torch.no_grad()

@@ -25,12 +25,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from pretrain.backbones import VIT_SIZES, build_backbone
-from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher
+from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher, set_teacher_mode
 from pretrain.components.heads import DINOHead
 from pretrain.components.losses import DINOLoss, iBOTPatchLoss, koleo_loss
 from pretrain.components.masked_vit import vit_tokens
 from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, plain
 from pretrain.distributed import is_dist
 from pretrain.methods import register_method
 from pretrain.methods.base import SSLMethod, StepState
@@ -258,12 +258,7 @@ class DINOv2(SSLMethod):
 
     def train(self, mode: bool = True) -> DINOv2:
         super().train(mode)
-        self.teacher.eval()  # the teacher never uses drop path / dropout
-        for module in self.teacher.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                # head BN (dinov2.*.head_use_bn): batch statistics, as DINO's teacher; its running
-                # statistics are buffers the EMA does not carry, so eval mode would not normalise
-                module.train(mode)
+        set_teacher_mode(self.teacher, mode)
         return self
 
     def build_transform(self) -> Callable:
@@ -374,16 +369,11 @@ class DINOv2(SSLMethod):
         return groups
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        t = self.c.teacher
         return self_distillation_schedules(
             self.scaled_lr_schedule(total_steps),
             steps_per_epoch,
-            momentum_teacher=float(t.momentum_teacher),
-            final_momentum_teacher=float(t.final_momentum_teacher),
-            warmup_teacher_temp=float(t.warmup_teacher_temp),
-            teacher_temp=float(t.teacher_temp),
-            warmup_teacher_temp_epochs=float(t.warmup_teacher_temp_epochs),
             freeze_last_layer_epochs=float(self.c.freeze_last_layer_epochs),
+            **plain(self.c.teacher),
         )
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
