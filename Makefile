@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 export MEDSSL_DATA ?= $(abspath ../shared/data)
 DEMO_OUT ?= demo_out
-# SimCLR's CPU recipe learns fastest on 28 px X-rays (k-NN 0.88 vs raw pixels 0.83, ~3.5 min);
+# SimCLR's CPU recipe learns fastest on 28 px X-rays (k-NN 0.86 vs raw pixels 0.83, ~1.5 min);
 # DEMO_RECIPE=pretrain/configs/dinov2_cpu.yaml runs the DINOv2 one (below raw pixels so far).
 DEMO_RECIPE ?= pretrain/configs/simclr_cpu.yaml
 

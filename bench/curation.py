@@ -3,6 +3,11 @@
 python bench/curation.py speed [--sizes 10000 100000 1000000] [--dim 384]
     near-dup graph (FAISS k-NN, edges above a cosine threshold, connected components) and
     k-means (sqrt(N) clusters) on synthetic vectors, side by side; embedding images/s.
+python bench/curation.py copies [--sizes 10000 100000] [--copy-flat-max 12000]
+    copy detection's stage 1 (81 crop views per image against the index of whole images), exact
+    (flat) and through `ivfhnsw` lists, on the shared data's real 2D images (8,236) and, past that,
+    on lookalikes made from them (flips, shifts, gamma, noise: many near neighbours, no copies),
+    with 1 % planted crop copies (85-95 % of the side, resized back): seconds and copies found.
 python bench/curation.py quality [--out NEW_DIR] [--copies 600] [key=value ...]
     all 2D MedMNIST images of the shared data as a pool with planted copies (6 kinds) and eval
     copies, through `curation run`; prints a threshold sweep over the verified pair scores, then
@@ -282,6 +287,99 @@ def _labels(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
     )
 
 
+def _real_thumbs(data: Path) -> np.ndarray:
+    import torch
+
+    from curation.descriptor import thumbnail
+
+    thumbs = []
+    for name in ("pneumoniamnist", "retinamnist", "breastmnist"):
+        with np.load(data / f"{name}.npz") as z:
+            for split in ("train", "val", "test"):
+                for px in z[f"{split}_images"]:
+                    t = torch.from_numpy(px).float() / 255
+                    thumbs.append(thumbnail(t[None] if t.ndim == 2 else t.permute(2, 0, 1)))
+    return np.stack(thumbs)
+
+
+def _lookalikes(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n images near real ones but not copies of them: flip, shift by <= 3 px, gamma, noise."""
+    x = base[rng.integers(0, len(base), n)].astype(np.float32)
+    flip = rng.random(n) < 0.5
+    x[flip] = x[flip, :, ::-1]
+    for i, (dy, dx) in enumerate(rng.integers(-3, 4, size=(n, 2))):
+        x[i] = np.roll(x[i], (int(dy), int(dx)), axis=(0, 1))
+    x = 255 * (x / 255) ** rng.uniform(0.6, 1.6, size=(n, 1, 1, 1))
+    x += rng.normal(0, 6, size=x.shape)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _plant_crops(
+    pool: np.ndarray, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+
+    sources = rng.choice(len(pool), k, replace=False)
+    copies = []
+    for i in sources:
+        t = torch.from_numpy(pool[i]).permute(2, 0, 1).float()[None]
+        side = int(round(32 * rng.uniform(0.85, 0.95)))
+        oy, ox = (int(v) for v in rng.integers(0, 32 - side + 1, 2))
+        crop = t[:, :, oy : oy + side, ox : ox + side]
+        back = F.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)
+        copies.append(back[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy())
+    return np.concatenate([pool, np.stack(copies)]), sources
+
+
+def copies(args: argparse.Namespace) -> None:
+    import torch
+
+    from curation.dedup import view_candidates
+
+    rng = np.random.default_rng(0)
+    base = _real_thumbs(Path(args.data))
+    variants = {
+        "flat": {"copy_flat_max": 10**12},
+        "ivfhnsw": {"copy_flat_max": 0, "copy_nprobe": 16},
+    }
+    rows = []
+    for n in args.sizes:
+        pool = (
+            base[rng.choice(len(base), n, replace=False)]
+            if n <= len(base)
+            else _lookalikes(base, n, rng)
+        )
+        pool, sources = _plant_crops(pool, max(10, n // 100), rng)
+        planted = set(zip(sources.tolist(), range(n, len(pool))))
+        for name, index in variants.items():
+            if name == "flat" and n > args.copy_flat_max:
+                continue  # N^2: 100k takes an hour
+            t0 = time.perf_counter()
+            q, d, _ = view_candidates(
+                pool,
+                pool,
+                same=True,
+                neighbours=8,
+                candidates=5,
+                min_similarity=0.85,
+                index_cfg={**index, "use_gpu": False, "seed": 0},
+                progress=False,
+            )
+            seconds = time.perf_counter() - t0
+            found = set(zip(np.minimum(q, d).tolist(), np.maximum(q, d).tolist())) & planted
+            rows.append((len(pool), name, seconds, len(found), len(planted)))
+            print(
+                f"N={len(pool):>9,} {name:8s} {seconds:8.1f} s  planted copies found {len(found)}/{len(planted)}",
+                flush=True,
+            )
+    print(
+        f"\nN            index      stage-1 s   copies found   (threads: {torch.get_num_threads()})"
+    )
+    for n, name, sec, found, total in rows:
+        print(f"{n:<12,} {name:9s} {sec:10.1f}   {found}/{total}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -289,6 +387,9 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--k", type=int, default=16)
+    c = sub.add_parser("copies")
+    c.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    c.add_argument("--copy-flat-max", type=int, default=12_000, help="largest N timed flat")
     q = sub.add_parser("quality")
     q.add_argument("--out", default="/tmp/medssl-curation-quality")
     q.add_argument("--copies", type=int, default=600)
@@ -296,10 +397,10 @@ def main() -> None:
     q.add_argument("--leaks", type=int, default=35)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("overrides", nargs="*", help="key=value for curation run")
-    for s in (p, q):
+    for s in (p, c, q):
         s.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = parser.parse_args()
-    speed(args) if args.mode == "speed" else quality(args)
+    {"speed": speed, "copies": copies, "quality": quality}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from curation.descriptor import crop_views, full_views, match_pairs
-from curation.index import batches, build_index
+from curation.index import batches, build_index, copy_index_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def view_candidates(
     """Stage 1: (query idx, db idx, best view similarity) for db images near a crop of a query."""
     n_db = len(thumbs_db)
     db = np.concatenate([full_views(thumbs_db[s:e]) for s, e in batches(n_db, 8192)])
-    index = build_index(db, progress=progress, **index_cfg)
+    index = build_index(db, progress=progress, **copy_index_cfg(index_cfg, n_db))
     found: list[tuple[np.ndarray, ...]] = []
     for s, e in tqdm(
         list(batches(len(thumbs_q), batch_size)), desc="copy candidates", disable=not progress

@@ -6,7 +6,11 @@ a few hundred test images to billions (DINOv2's LVD-142M). The index is chosen b
 
 - `flat`  exact inner product, for pools up to `flat_max` vectors (default 1M: 1.5 GB at 384-d);
 - `ivf`   inverted lists with float16 scalar-quantised vectors (half the memory, near-exact scores);
-- `ivfpq` inverted lists with product quantisation (billion scale; scores approximate).
+- `ivfpq` inverted lists with product quantisation (billion scale; scores approximate);
+- `ivfhnsw` inverted lists of exact vectors, about `list_size` per list, found through an HNSW graph
+  over the list centroids: a query costs about the same at every N (log N to find the lists, then
+  nprobe x list_size comparisons), so a search of all N vectors grows as N log N. Copy detection
+  (81 query views per image) uses it past `copy_flat_max` images (see `copy_index_cfg`).
 
 Vectors are L2-normalised, so inner product = cosine similarity. Inputs may be float16 memmaps:
 they are converted to float32 in batches, never as a whole, so 10M x 384 float16 (7.7 GB) fits a
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "ivfhnsw")
 
 
 def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -65,6 +69,29 @@ def choose_kind(
     return "ivf" if n < pq_min else "ivfpq"
 
 
+COPY_KEYS = ("copy_flat_max", "copy_nprobe")  # index settings of copy detection only
+
+
+def search_cfg(index_cfg: dict) -> dict:
+    """`build_index` keyword arguments of the index section (without the copy-detection keys)."""
+    return {k: v for k, v in index_cfg.items() if k not in COPY_KEYS}
+
+
+def copy_index_cfg(index_cfg: dict, n: int) -> dict:
+    """The index of copy detection's stage 1 (N database views, 81 query views per image): exact
+    (flat) up to `copy_flat_max` images, then `ivfhnsw`, whose cost per query does not grow with N
+    (measured recall of planted copies and seconds per size: docs/benchmarks.md)."""
+    cfg = search_cfg(index_cfg)
+    if n <= int(index_cfg.get("copy_flat_max", 20_000)):
+        return {**cfg, "kind": "flat"}
+    return {
+        **cfg,
+        "kind": "ivfhnsw",
+        "nlist": None,
+        "nprobe": int(index_cfg.get("copy_nprobe", 16)),
+    }
+
+
 def default_nlist(n: int) -> int:
     """About 4 sqrt(N) lists (FAISS guideline), at least 1 and at most N / 39 (training needs >= 39/list)."""
     return int(max(1, min(4 * math.sqrt(n), n // 39)))
@@ -93,6 +120,7 @@ def build_index(
     batch_size: int = 65536,
     seed: int = 0,
     progress: bool = True,
+    list_size: int = 64,
 ) -> faiss.Index:
     """Inner-product index over the rows of `vectors` (normalised; any float dtype, memmaps ok)."""
     n, d = vectors.shape
@@ -100,16 +128,24 @@ def build_index(
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(d)
     else:
-        lists = nlist or default_nlist(n)
-        nbits = 8 if n >= 256 * 64 else 4  # 256 codes per sub-quantiser need enough training points
-        spec = f"IVF{lists},SQfp16" if kind == "ivf" else f"IVF{lists},PQ{_pq_m(d, pq_m)}x{nbits}"
+        if kind == "ivfhnsw":
+            lists = nlist or max(1, min(n // list_size, n // 39))
+            spec = f"IVF{lists}_HNSW32,Flat"
+        else:
+            lists = nlist or default_nlist(n)
+            nbits = 8 if n >= 256 * 64 else 4  # 256 codes per sub-quantiser need enough points
+            pq = f"PQ{_pq_m(d, pq_m)}x{nbits}"
+            spec = f"IVF{lists},SQfp16" if kind == "ivf" else f"IVF{lists},{pq}"
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         n_train = min(n, max(64 * lists, 10_000))  # FAISS wants 39..256 points per list
         train = as_f32(vectors[np.sort(rng.choice(n, n_train, replace=False))])
         logger.info("training %s on %d of %d vectors", spec, n_train, n)
         index.train(train)
-        faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(nprobe, lists)
+        if kind == "ivfhnsw":  # the graph must return at least nprobe lists
+            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * nprobe)
     if gpu_enabled(use_gpu):
         try:
             index = faiss.index_cpu_to_all_gpus(index)

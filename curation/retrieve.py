@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from curation.index import assign, build_index, kmeans, normalize_rows, search
+from curation.index import assign, build_index, kmeans, normalize_rows, search, search_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def sample_based(
     """(pool row, seed row, cosine) for the k nearest pool images of every seed."""
     if len(pool_emb) == 0 or len(seed_emb) == 0 or k <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    index = build_index(pool_emb, progress=progress, **index_cfg)
+    index = build_index(pool_emb, progress=progress, **search_cfg(index_cfg))
     sims, ids = search(
         index,
         normalize_rows(seed_emb),

@@ -67,6 +67,8 @@ def _index_cfg(cfg: DictConfig) -> dict:
         nprobe=int(c.nprobe),
         use_gpu=c.gpu,
         seed=int(cfg.seed),
+        copy_flat_max=int(c.copy_flat_max),
+        copy_nprobe=int(c.copy_nprobe),
     )
 
 

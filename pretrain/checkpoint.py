@@ -449,11 +449,7 @@ class RunCheckpointer:
             raise CheckpointError(
                 f"{path} was written by method {ckpt['method']!r}, not {self.cfg.method!r}"
             )
-        engine.load_state_dicts(ckpt["model"], ckpt["optimizer"])
-        engine.scaler.load_state_dict(ckpt["scaler"])
-        engine.step = int(ckpt["counters"]["step"])
-        engine.nan_skipped = int(ckpt["counters"]["nan_skipped"])
-        engine.nan_consecutive = int(ckpt["counters"]["nan_consecutive"])
+        engine.restore(ckpt["model"], ckpt["optimizer"], ckpt["scaler"], ckpt["counters"])
         data = ckpt["data"]
         epoch, batch = int(data["epoch"]), int(data["batch_in_epoch"])
         rng = None

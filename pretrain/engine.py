@@ -387,3 +387,18 @@ class Engine:
             "nan_skipped": self.nan_skipped,
             "nan_consecutive": self.nan_consecutive,
         }
+
+    def restore(
+        self,
+        model_state: dict[str, Tensor],
+        optim_state: dict[str, Any],
+        scaler_state: dict[str, Any],
+        counters: dict[str, int],
+    ) -> None:
+        """Everything a checkpoint holds of the engine, back in place (the inverse of
+        state_dicts + scaler.state_dict + counters)."""
+        self.load_state_dicts(model_state, optim_state)
+        self.scaler.load_state_dict(scaler_state)
+        self.step = int(counters["step"])
+        self.nan_skipped = int(counters["nan_skipped"])
+        self.nan_consecutive = int(counters["nan_consecutive"])

@@ -89,7 +89,12 @@ def test_match_scores_separate_copies_from_lookalikes(medssl_data):
     assert got["ncc"][3] < t or got["local"][3] < lt  # two different children's X-rays
 
 
-def test_planted_copies_found_and_unique_images_kept(pool):
+@pytest.mark.parametrize(
+    "index",
+    [INDEX, {"copy_flat_max": 0, "copy_nprobe": 2}],
+    ids=["flat", "ivfhnsw-2-of-5-lists"],  # 341 images: 5 lists of ~64 views, 2 probed
+)
+def test_planted_copies_found_and_unique_images_kept(pool, index):
     images, source, planted = pool
     n = len(images)
     rank = keeper_rank(
@@ -101,7 +106,7 @@ def test_planted_copies_found_and_unique_images_kept(pool):
     active = np.nonzero(keep_exact)[0]
     res = np.array([min(images[i].shape[:2]) for i in active])
     pairs = copy_pairs(
-        thumbs_of([images[i] for i in active]), None, DEDUP, INDEX, res_q=res, progress=False
+        thumbs_of([images[i] for i in active]), None, DEDUP, index, res_q=res, progress=False
     )
     edge = pairs.copies(DEDUP.threshold, DEDUP.local_threshold)
     keep, groups = components(n, active[pairs.a[edge]], active[pairs.b[edge]], rank)

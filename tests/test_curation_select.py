@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -94,11 +95,31 @@ def test_index_kinds_agree_with_exact_search():
         choose_kind(10, "hnsw")
     flat_s, flat_i = search(build_index(x, kind="flat", progress=False), x[:200], 5, progress=False)
     assert np.all(flat_i[:, 0] == np.arange(200))
-    for kind in ("ivf", "ivfpq"):
-        index = build_index(x, kind=kind, nlist=16, nprobe=16, progress=False)
+    for kind in ("ivf", "ivfpq", "ivfhnsw"):
+        # ivfhnsw: 3000 // 64 = 46 lists of ~64 vectors (the default list size), 8 probed
+        nlist, nprobe = (None, 8) if kind == "ivfhnsw" else (16, 16)
+        index = build_index(x, kind=kind, nlist=nlist, nprobe=nprobe, progress=False)
+        if kind == "ivfhnsw":
+            assert faiss.extract_index_ivf(index).nlist == 46
         s, i = search(index, x[:200], 5, database=x, progress=False)  # PQ: re-scored exactly
         recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i, flat_i)])
         assert recall >= 0.9, (kind, recall)
-        assert np.allclose(s, flat_s, atol=2e-3 if kind == "ivf" else 0.05)
+        assert np.allclose(s, flat_s, atol=2e-3 if kind != "ivfpq" else 0.05)
         exact = exact_scores(x, x, np.repeat(np.arange(200), 5), i.ravel())
         assert np.allclose(exact.reshape(200, 5)[:, 0], 1.0, atol=2e-3)
+
+
+def test_copy_detection_index_is_exact_up_to_copy_flat_max_then_ivfhnsw():
+    from curation.index import copy_index_cfg
+
+    cfg = {
+        "kind": "auto",
+        "flat_max": 10**6,
+        "nprobe": 16,
+        "copy_flat_max": 1000,
+        "copy_nprobe": 24,
+    }
+    assert copy_index_cfg(cfg, 1000) == {"kind": "flat", "flat_max": 10**6, "nprobe": 16}
+    big = copy_index_cfg(cfg, 1001)
+    assert big["kind"] == "ivfhnsw" and big["nprobe"] == 24 and big["nlist"] is None
+    assert "copy_flat_max" not in big  # build_index takes the result as keyword arguments

@@ -61,4 +61,7 @@ def get_method_class(name: str) -> type[SSLMethod]:
 
 
 def build_method(cfg: DictConfig) -> SSLMethod:
-    return get_method_class(str(cfg.method))(cfg)
+    """The configured method, its `check_config` run first (also when `validate` was skipped)."""
+    cls = get_method_class(str(cfg.method))
+    cls.check_config(cfg)
+    return cls(cfg)
