@@ -160,30 +160,22 @@ def _embed_all(
         )
         if pool is None:
             return None
-        seeds = [
-            embed_dataset(
-                str(s),
-                out / "embed" / f"seeds-{i}",
-                encoder,
-                embed_cfg,
-                progress=progress,
-                settings=settings,
-                hashes=hashes,
-            )
-            for i, s in enumerate(cfg.seeds)
-        ]
-        evals = [
-            embed_dataset(
-                str(s),
-                out / "embed" / f"eval-{i}",
-                encoder,
-                embed_cfg,
-                progress=progress,
-                settings=settings,
-                hashes=hashes,
-            )
-            for i, s in enumerate(cfg.eval_sets)
-        ]
+
+        def embed_sets(specs, prefix: str) -> list:
+            return [
+                embed_dataset(
+                    str(spec),
+                    out / "embed" / f"{prefix}-{i}",
+                    encoder,
+                    embed_cfg,
+                    progress=progress,
+                    settings=settings,
+                    hashes=hashes,
+                )
+                for i, spec in enumerate(specs)
+            ]
+
+        seeds, evals = embed_sets(cfg.seeds, "seeds"), embed_sets(cfg.eval_sets, "eval")
 
     def summary() -> tuple[dict, None, None]:
         groups = len(dataset_groups(str(cfg.pool), embed_cfg.shards_per_job, n_groups))

@@ -93,7 +93,7 @@ def plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _plain(cfg: DictConfig) -> dict:
+def _unresolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
 
 
@@ -131,16 +131,16 @@ def load_config(
     """
     default_path = None if isinstance(default, DictConfig) else Path(default)
     default_cfg = default if isinstance(default, DictConfig) else _load_yaml(default)
-    declared = _plain(default_cfg)
+    declared = _unresolved(default_cfg)
     layers: list[DictConfig] = [default_cfg]
     if recipe is not None and (
         default_path is None or Path(recipe).resolve() != default_path.resolve()
     ):
         recipe_cfg = _load_yaml(recipe)
-        _check_against(declared, _plain(recipe_cfg), "", str(recipe))
+        _check_against(declared, _unresolved(recipe_cfg), "", str(recipe))
         layers.append(recipe_cfg)
     override_cfg = _parse_overrides(overrides)
-    _check_against(declared, _plain(override_cfg), "", "command line")
+    _check_against(declared, _unresolved(override_cfg), "", "command line")
     layers.append(override_cfg)
     cfg = OmegaConf.merge(*layers)
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -211,7 +211,7 @@ def compose_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> 
         if name not in section:
             raise ConfigError(f"{method_yaml}: must hold the method's '{name}:' section")
         engine_keys = OmegaConf.masked_copy(section, [k for k in section if k != name])
-        _check_against(_plain(default), _plain(engine_keys), "", str(method_yaml))
+        _check_against(_unresolved(default), _unresolved(engine_keys), "", str(method_yaml))
         default = OmegaConf.merge(default, section)
     try:
         return load_config(default, recipe, overrides)
