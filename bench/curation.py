@@ -1,8 +1,11 @@
 """Curation benchmarks: speed (how cost grows with N) and quality (planted cases on the shared data).
 
-python bench/curation.py speed [--sizes 10000 100000 1000000] [--dim 384]
-    near-dup graph (FAISS k-NN, edges above a cosine threshold, connected components) and
-    k-means (sqrt(N) clusters) on synthetic vectors, side by side; embedding images/s.
+python bench/curation.py speed [--sizes 10000 100000 1000000] [--dim 384] [--leaf-size 50]
+    on synthetic float16 vectors with 1 % planted near duplicates: the near-dup graph (k-NN of
+    every vector via `knn_graph`, edges above a cosine threshold, connected components) with the
+    recall of the planted duplicates' edges against exact search of a sample, and the 3-level
+    hierarchical k-means with resampling (N / leaf-size leaves, 5 children per parent); seconds,
+    peak RSS and the growth exponent between sizes; then embedding images/s.
 python bench/curation.py copies [--sizes 10000 100000] [--copy-flat-max 12000]
     copy detection's stage 1 (81 crop views per image against the index of whole images), exact
     (flat) and through `ivfhnsw` lists, on the shared data's real 2D images (8,236) and, past that,
@@ -32,51 +35,99 @@ NEAR_IDENTICAL = 0.995  # unaligned NCC of two source images above which they ar
 sys.path.insert(0, str(REPO))
 
 
-def _synthetic(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
-    """Clustered unit vectors with 1 % planted near-duplicates, float16 as `curation run` stores them."""
+def _synthetic(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit vectors with 1 % planted near-duplicates, float16 as `curation run` stores
+    them, made in chunks (a float64 draw of 1M x 384 alone is 3 GB); and the planted rows."""
+    from curation.index import batches
+
     centres = rng.normal(size=(max(1, n // 100), dim)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.normal(size=(n, dim)).astype(
-        np.float32
-    )
+    x = np.empty((n, dim), np.float32)
+    for s, e in batches(n, 65536):
+        x[s:e] = centres[rng.integers(0, len(centres), e - s)]
+        x[s:e] += 0.5 * rng.standard_normal((e - s, dim), dtype=np.float32)
     dup = rng.choice(n, n // 100, replace=False)
-    x[dup] = x[rng.choice(n, len(dup))] + 0.02 * rng.normal(size=(len(dup), dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float16)
+    x[dup] = x[rng.choice(n, len(dup))] + 0.02 * rng.standard_normal(
+        (len(dup), dim), dtype=np.float32
+    )
+    out = np.empty((n, dim), np.float16)
+    for s, e in batches(n, 65536):
+        out[s:e] = x[s:e] / np.linalg.norm(x[s:e], axis=1, keepdims=True)
+    return out, dup
+
+
+def _edge_recall(
+    x: np.ndarray, sims: np.ndarray, ids: np.ndarray, rows: np.ndarray, threshold: float
+) -> tuple[int, int]:
+    """Edges (row, j) at cosine >= threshold that exact search finds for `rows`, and how many of
+    them the graph holds (in either direction)."""
+    from curation.index import as_f32, batches
+
+    q = as_f32(x[rows])
+    exact = [np.zeros(0, np.int64)] * len(rows)
+    for s, e in batches(len(x), 65536):
+        hit_r, hit_c = np.nonzero(q @ as_f32(x[s:e]).T >= threshold)
+        for i, j in zip(hit_r, hit_c + s):
+            exact[i] = np.append(exact[i], j)
+    total = found = 0
+    for row, partners in zip(rows, exact):
+        for j in partners[partners != row]:
+            total += 1
+            found += bool(
+                np.any((ids[row] == j) & (sims[row] >= threshold))
+                or np.any((ids[j] == row) & (sims[j] >= threshold))
+            )
+    return found, total
 
 
 def speed(args: argparse.Namespace) -> None:
+    import resource
+
     import scipy.sparse as sp
     import torch
     from scipy.sparse.csgraph import connected_components
 
-    from curation.index import build_index, kmeans, search
+    from curation.hkmeans import auto_clusters, hierarchical_kmeans
+    from curation.index import knn_graph
 
     rng = np.random.default_rng(0)
     rows = []
     for n in args.sizes:
-        x = _synthetic(n, args.dim, rng)
+        x, planted = _synthetic(n, args.dim, rng)
         t0 = time.perf_counter()
-        index = build_index(x, kind="flat" if n <= 100_000 else "ivf", progress=False)
-        sims, ids = search(index, x, args.k, progress=False)
-        keep = (sims >= 0.95) & (ids != np.arange(n)[:, None]) & (ids >= 0)
+        sims, ids = knn_graph(x, args.k, progress=False)
+        keep = (sims >= args.threshold) & (ids != np.arange(n)[:, None]) & (ids >= 0)
         a = np.repeat(np.arange(n), args.k)[keep.ravel()]
         graph = sp.coo_matrix(
             (np.ones(len(a), np.int8), (a, ids.ravel()[keep.ravel()])), shape=(n, n)
         )
         n_comp, _ = connected_components(graph, directed=False)
         t_graph = time.perf_counter() - t0
+        sample = rng.choice(planted, min(len(planted), 1000), replace=False)
+        found, total = _edge_recall(x, sims, ids, sample, args.threshold)
+        del sims, ids, keep, a, graph
+        counts = auto_clusters(n, 3, leaf_size=args.leaf_size)
         t0 = time.perf_counter()
-        kmeans(x, int(np.sqrt(n)), niter=10)
+        levels = hierarchical_kmeans(x, counts)
         t_km = time.perf_counter() - t0
-        rows.append((n, t_graph, t_km, n - n_comp))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        row = (n, t_graph, found / max(1, total), t_km, t_graph + t_km, rss)
+        rows.append(row)
         print(
-            f"N={n:>9,}  near-dup graph {t_graph:8.1f} s  k-means({int(np.sqrt(n))}) {t_km:8.1f} s  "
-            f"removed {n - n_comp}",
+            f"N={n:>9,}  near-dup graph {t_graph:6.1f} s (removed {n - n_comp:,}, planted-edge recall "
+            f"{found}/{total})  hierarchical k-means {'/'.join(str(len(lv.centroids)) for lv in levels)} "
+            f"{t_km:6.1f} s  total {t_graph + t_km:6.1f} s  peak RSS {rss:.2f} GiB",
             flush=True,
         )
-    print(f"\nN            graph s    k-means s   (threads: {torch.get_num_threads()})")
-    for n, tg, tk, _ in rows:
-        print(f"{n:<12,} {tg:9.1f} {tk:11.1f}")
+        del x, levels
+    print(
+        f"\nN            graph s  recall  k-means s  total s  peak RSS GiB  growth (total)"
+        f"   (threads: {torch.get_num_threads()}, leaf size {args.leaf_size})"
+    )
+    for i, (n, tg, recall, tk, total, rss) in enumerate(rows):
+        growth = (
+            f"N^{np.log(total / rows[i - 1][4]) / np.log(n / rows[i - 1][0]):.2f}" if i else "-"
+        )
+        print(f"{n:<12,} {tg:7.1f} {recall:7.4f} {tk:10.1f} {total:8.1f} {rss:13.2f}  {growth}")
     _embed_speed(args)
 
 
@@ -387,6 +438,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=0.95, help="near-duplicate cosine")
+    p.add_argument("--leaf-size", type=int, default=50, help="points per leaf cluster")
     c = sub.add_parser("copies")
     c.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     c.add_argument("--copy-flat-max", type=int, default=12_000, help="largest N timed flat")

@@ -9,6 +9,13 @@ each level's k-means, re-run k-means on the union of the r points closest to eac
 goes top-down: a cluster's quota is split among its children with one cap found by binary search
 (`find_cap`: the largest c with sum(min(size_i, c)) <= quota), so small children give everything
 and large ones give the same amount; leaves give random (or closest-to-centroid) members.
+
+Pools up to `exact_max` vectors (100k) are clustered exactly, every level as above. Larger pools
+run each level by parts, the way Vo et al. split their 10M-cluster level (`_by_parts`): a coarse
+k-means cuts the level into parts of about PART_CENTROIDS clusters, the resampled k-means runs
+inside each part, and every point then goes to its nearest centroid of any part through
+`assign(approximate=True)`. A part's k-means costs its points x 64 centroids, so a level costs
+N x 64 per iteration instead of N x k: 1M vectors into 20k clusters is seconds, not hours.
 """
 
 from __future__ import annotations
@@ -41,13 +48,81 @@ def auto_clusters(n: int, levels: int, leaf_size: int = 10, branching: int = 5) 
     return counts
 
 
-def _closest(x: np.ndarray, labels: np.ndarray, dists: np.ndarray, k: int, r: int) -> np.ndarray:
+def _closest(labels: np.ndarray, dists: np.ndarray, k: int, r: int) -> np.ndarray:
     """Indices of the r points nearest to their centroid, in every cluster."""
     order = np.lexsort((dists, labels))
     sorted_labels = labels[order]
     starts = np.searchsorted(sorted_labels, np.arange(k))
     rank = np.arange(len(order)) - starts[sorted_labels]
     return np.sort(order[rank < r])
+
+
+EXACT_MAX_POINTS = 100_000  # pools up to this size: exact k-means at every level
+PART_CENTROIDS = 64  # larger pools: levels of >= 2 x this many clusters run by parts of this many
+
+
+def _resampled_kmeans(
+    points: np.ndarray, k: int, r: int, *, resample_steps: int, niter: int, seed: int, nredo: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means, then `resample_steps` k-means of the r points closest to each centroid (Vo et al.):
+    (centroids, label and squared distance of every point)."""
+    centroids = kmeans(points, k, niter=niter, seed=seed, nredo=nredo)
+    labels, dists = assign(points, centroids)
+    if r > 1 and k > 1:
+        for step in range(resample_steps):
+            subset = _closest(labels, dists, k, r)
+            if len(subset) <= k:
+                break
+            centroids = kmeans(
+                points[subset],
+                k,
+                niter=niter,
+                seed=seed + 1000 * (step + 1),
+                init_centroids=centroids,
+            )
+            labels, dists = assign(points, centroids)
+    return centroids, labels, dists
+
+
+def _share(sizes: np.ndarray, total: int) -> np.ndarray:
+    """`total` (<= sizes.sum()) split in proportion to `sizes`, every share in 1..size."""
+    exact = sizes * total / sizes.sum()
+    share = np.minimum(np.maximum(np.floor(exact), sizes > 0), sizes).astype(np.int64)
+    while left := total - int(share.sum()):
+        room = share < sizes if left > 0 else share > 1
+        order = np.argsort(share - exact if left > 0 else exact - share, kind="stable")
+        pick = order[room[order]][: abs(left)]
+        share[pick] += np.sign(left)
+    return share
+
+
+def _by_parts(
+    points: np.ndarray, k: int, r: int, *, resample_steps: int, niter: int, seed: int, nredo: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_resampled_kmeans` inside each part of a coarse k-means (k / PART_CENTROIDS parts, clusters
+    shared in proportion to the points), then every point to its nearest centroid of any part."""
+    n_parts = k // PART_CENTROIDS
+    coarse = kmeans(points, n_parts, niter=niter, seed=seed)
+    part, _ = assign(points, coarse, approximate=True)
+    members = _members(part, n_parts)
+    shares = _share(np.array([len(m) for m in members]), k)
+    centroids = np.concatenate(
+        [
+            _resampled_kmeans(
+                points[rows],
+                int(share),
+                r,
+                resample_steps=resample_steps,
+                niter=niter,
+                seed=seed + p,
+                nredo=nredo,
+            )[0]
+            for p, (rows, share) in enumerate(zip(members, shares))
+            if share
+        ]
+    )
+    labels, dists = assign(points, centroids, approximate=True)
+    return centroids, labels, dists
 
 
 def hierarchical_kmeans(
@@ -58,34 +133,34 @@ def hierarchical_kmeans(
     sample_sizes: list[int] | None = None,
     niter: int = 20,
     seed: int = 0,
+    exact_max: int = EXACT_MAX_POINTS,
 ) -> list[Level]:
-    """Levels bottom-up; `x` are the (normalised) embeddings of the pool."""
+    """Levels bottom-up; `x` are the (normalised) embeddings of the pool (any float dtype,
+    memmaps ok: only parts are converted to float32). Past `exact_max` points, levels of at
+    least 2 x PART_CENTROIDS clusters run by parts."""
     levels: list[Level] = []
-    points = np.ascontiguousarray(x, dtype=np.float32)
+    by_parts = len(x) > exact_max
+    points = x
     for depth, k in enumerate(n_clusters):
         k = max(1, min(int(k), len(points)))
-        # upper levels cluster few points: restarts are cheap and make them far less seed-dependent
-        centroids = kmeans(points, k, niter=niter, seed=seed + depth, nredo=1 if depth == 0 else 10)
-        labels, dists = assign(points, centroids)
         r = sample_sizes[depth] if sample_sizes else max(1, len(points) // k // 2)
-        if r > 1 and k > 1:
-            for step in range(resample_steps):
-                subset = _closest(points, labels, dists, k, r)
-                if len(subset) <= k:
-                    break
-                centroids = kmeans(
-                    points[subset],
-                    k,
-                    niter=niter,
-                    seed=seed + 1000 * (step + 1) + depth,
-                    init_centroids=centroids,
-                )
-                labels, dists = assign(points, centroids)
+        # upper levels cluster few points: restarts are cheap and make them far less seed-dependent
+        fit = _by_parts if by_parts and k >= 2 * PART_CENTROIDS else _resampled_kmeans
+        centroids, labels, _ = fit(
+            points,
+            k,
+            r,
+            resample_steps=resample_steps,
+            niter=niter,
+            seed=seed + depth,
+            nredo=1 if depth == 0 else 10,
+        )
         sizes = np.bincount(labels, minlength=k)
         logger.info(
-            "level %d: %d clusters, sizes min %d median %d max %d (r=%d)",
+            "level %d: %d clusters%s, sizes min %d median %d max %d (r=%d)",
             depth + 1,
             k,
+            f" in {k // PART_CENTROIDS} parts" if fit is _by_parts else "",
             sizes.min(),
             int(np.median(sizes)),
             sizes.max(),

@@ -12,6 +12,13 @@ a few hundred test images to billions (DINOv2's LVD-142M). The index is chosen b
   nprobe x list_size comparisons), so a search of all N vectors grows as N log N. Copy detection
   (81 query views per image) uses it past `copy_flat_max` images (see `copy_index_cfg`).
 
+Past what FAISS does per query, two jobs touch *every* vector: the k-NN graph of the whole pool
+(near duplicates) and the assignment of every vector to one of many k-means centroids. Both run
+through `Cells`: the database grouped by k-means into cells of about `list_size` rows, and every
+query cell compared with its `nprobe` nearest cells by one matrix product (BLAS), so a query costs
+nprobe x list_size comparisons at any N, at matrix-product speed rather than one vector at a time
+(`knn_graph`, `assign(..., approximate=True)`).
+
 Vectors are L2-normalised, so inner product = cosine similarity. Inputs may be float16 memmaps:
 they are converted to float32 in batches, never as a whole, so 10M x 384 float16 (7.7 GB) fits a
 24 GiB machine. The GPU is used only when `faiss.get_num_gpus() > 0` (faiss-gpu installed).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -246,15 +254,163 @@ def kmeans(
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, d)
 
 
+GRAPH_FLAT_MAX = 20_000  # knn_graph: exact (flat) search up to this many vectors, then cells
+GRAPH_LIST_SIZE = 512  # knn_graph cells: database rows per cell ...
+GRAPH_NPROBE = 4  # ... and cells searched per query
+ASSIGN_LIST_SIZE = 64  # approximate assignment: centroids per cell ...
+ASSIGN_NPROBE = 8  # ... and cells searched per row
+APPROX_CELLS_MIN = 1024  # rows find their cells exactly below this many cells, through cells above
+CELL_TRAIN_POINTS = 32  # the cells' k-means trains on at most this many points per cell
+BLOCK = 1 << 23  # scores per matrix product (32 MB of float32)
+
+
 def assign(
-    x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536
+    x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536, *, approximate: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (L2) of every row: (cluster id int64, squared distance float32)."""
+    """Nearest centroid (L2) of every row: (cluster id int64, squared distance float32).
+
+    `approximate` searches only the centroids of the ASSIGN_NPROBE nearest cells of about
+    ASSIGN_LIST_SIZE centroids (`Cells`): for tens of thousands of centroids, where the exact
+    assignment of a million rows costs minutes."""
+    dists, ids = nearest(x, centroids, 1, approximate=approximate, batch_size=batch_size)
+    return ids[:, 0], dists[:, 0]
+
+
+def nearest(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    k: int,
+    *,
+    approximate: bool = False,
+    batch_size: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest centroids (L2) of every row: (squared distances float32, ids int64), nearest first."""
+    k = min(k, len(centroids))
+    if approximate and len(centroids) > ASSIGN_LIST_SIZE * ASSIGN_NPROBE:
+        cells = build_cells(centroids, ASSIGN_LIST_SIZE)
+        return cell_search(
+            x, centroids, k, cells=cells, nprobe=ASSIGN_NPROBE, l2=True, progress=False
+        )
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(as_f32(centroids))
-    labels = np.empty(len(x), np.int64)
-    dists = np.empty(len(x), np.float32)
+    dists = np.empty((len(x), k), np.float32)
+    ids = np.empty((len(x), k), np.int64)
     for s, e in batches(len(x), batch_size):
-        d, i = index.search(as_f32(x[s:e]), 1)
-        labels[s:e], dists[s:e] = i[:, 0], d[:, 0]
-    return labels, dists
+        dists[s:e], ids[s:e] = index.search(as_f32(x[s:e]), k)
+    return dists, ids
+
+
+@dataclass
+class Cells:
+    """Database rows grouped by their nearest k-means centroid: an inverted file that is scanned
+    by matrix products, one per cell and block of the queries that search it, rather than one
+    query at a time."""
+
+    centroids: np.ndarray  # (cells, d) float32
+    probes: np.ndarray  # (n, nprobe) nearest cells of every database row, its own cell first
+    order: np.ndarray  # database rows sorted by cell; cell c holds order[bounds[c]:bounds[c + 1]]
+    bounds: np.ndarray
+
+
+def _group(labels: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by label and where each label starts (bounds[g]:bounds[g + 1])."""
+    order = np.argsort(labels, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(n_groups + 1))
+
+
+def _probe(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:
+    """The nprobe nearest cells of every row; through cells of the cell centroids past
+    APPROX_CELLS_MIN cells, so that finding them costs about the same at any N."""
+    return nearest(x, centroids, nprobe, approximate=len(centroids) >= APPROX_CELLS_MIN)[1]
+
+
+def build_cells(database: np.ndarray, list_size: int, nprobe: int = 1, *, seed: int = 0) -> Cells:
+    """About len(database) / list_size cells from a k-means of a subsample (CELL_TRAIN_POINTS per
+    cell: cells need to be compact, not optimal); `nprobe` nearest cells kept per row, for
+    searching the database against itself."""
+    n_cells = max(1, len(database) // list_size)
+    centroids = kmeans(
+        database, n_cells, niter=10, seed=seed, max_points_per_centroid=CELL_TRAIN_POINTS
+    )
+    probes = _probe(database, centroids, nprobe)
+    order, bounds = _group(probes[:, 0], n_cells)
+    return Cells(centroids, probes, order, bounds)
+
+
+def _topk(score: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest scores of every row, largest first, with their ids."""
+    top = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    rank = np.argsort(-np.take_along_axis(score, top, 1), axis=1, kind="stable")
+    top = np.take_along_axis(top, rank, 1)
+    return np.take_along_axis(score, top, 1), np.take_along_axis(ids, top, 1)
+
+
+def cell_search(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    *,
+    cells: Cells,
+    nprobe: int,
+    query_probes: np.ndarray | None = None,
+    l2: bool = False,
+    progress: bool = True,
+    desc: str = "cell search",
+) -> tuple[np.ndarray, np.ndarray]:
+    """k best database rows of every query among the rows of its `nprobe` nearest cells:
+    (inner products, largest first, or with `l2` squared distances, smallest first; ids, -1
+    where fewer exist). `query_probes`: the queries' cells when known (`cells.probes` when the
+    database searches itself). Scores are exact; only rows in farther cells are missed."""
+    (n, dim), n_cells = queries.shape, len(cells.centroids)
+    probes = _probe(queries, cells.centroids, nprobe) if query_probes is None else query_probes
+    probes = probes[:, :nprobe]
+    order, bounds = _group(probes.ravel(), n_cells)
+    metric, sign = (faiss.METRIC_L2, -1) if l2 else (faiss.METRIC_INNER_PRODUCT, 1)
+    best = np.full((n, k), -np.inf, np.float32)  # l2: minus the distance, larger is nearer
+    ids = np.full((n, k), -1, np.int64)
+    for c in tqdm(np.nonzero(np.diff(bounds))[0], desc=desc, disable=not progress):
+        rows = order[bounds[c] : bounds[c + 1]] // probes.shape[1]  # the queries searching c
+        members = np.sort(cells.order[cells.bounds[c] : cells.bounds[c + 1]])
+        for ms, me in batches(len(members), max(1, BLOCK // dim)):
+            cols = members[ms:me]
+            d = as_f32(database[cols])
+            for s, e in batches(len(rows), max(1, BLOCK // dim)):
+                r = rows[s:e]
+                got_s, got_i = faiss.knn(as_f32(queries[r]), d, min(k, len(cols)), metric=metric)
+                best[r], ids[r] = _topk(
+                    np.concatenate([best[r], sign * got_s], 1),
+                    np.concatenate([ids[r], cols[got_i]], 1),
+                    k,
+                )
+    return sign * best, ids
+
+
+def knn_graph(
+    x: np.ndarray,
+    k: int,
+    *,
+    flat_max: int = GRAPH_FLAT_MAX,
+    list_size: int = GRAPH_LIST_SIZE,
+    nprobe: int = GRAPH_NPROBE,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows of every row of `x` (itself included): (cosine, largest first; ids).
+
+    Exact up to `flat_max` rows. Beyond, through `Cells`: a row is compared with the rows of its
+    `nprobe` nearest cells of ~`list_size` rows, so the graph costs N x nprobe x list_size
+    comparisons, linear in N; near duplicates, almost always in one cell, are found."""
+    if len(x) <= flat_max:
+        index = build_index(x, kind="flat", progress=progress)
+        return search(index, x, k, progress=progress, desc="k-NN graph")
+    cells = build_cells(x, list_size, nprobe, seed=seed)
+    return cell_search(
+        x,
+        x,
+        k,
+        cells=cells,
+        nprobe=nprobe,
+        query_probes=cells.probes,
+        progress=progress,
+        desc="k-NN graph",
+    )

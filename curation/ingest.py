@@ -1,19 +1,19 @@
 """Raw images (DICOM, PNG/JPEG/TIFF/BMP, MedMNIST .npz) -> lossless shards + manifest + rejections.
 
-Output is a pure function of inputs and settings: inputs are planned in sorted order, workers
-decode/encode them in that order and one writer fills `shard-NNNNNN.tar`, so any worker count and
-any kill/re-run sequence give the same manifest. Shards appear only complete (temp name + rename);
-after each rename its records go to OUT/.parts/shard-N.jsonl (rebuilt from the tar if a kill came
-first) and rejections are appended to OUT/.parts/rejected.jsonl. A re-run skips inputs whose samples
-are all committed or that were rejected, resumes a half-committed input after its committed
-samples, and rebuilds manifest.jsonl / rejected.jsonl at the end.
+Output is a pure function of inputs and settings: inputs are planned in sorted order and cut into
+blocks of `shard_size` expected samples (`plan_blocks`); block B becomes `shard-B.tar` (and
+`shard-B_0001.tar`... when its files hold more frames than that), written by whichever worker
+process or array task (`--task I --tasks N`) gets it, so any worker count, task count and kill/re-run
+sequence give the same bytes. A block's shards appear only complete (temp name + rename), then its
+commit record OUT/.parts/block-B.json (manifest lines and rejections). A re-run redoes exactly the
+blocks without a record (or with a transient rejection to retry) and merges the records into
+manifest.jsonl / rejected.jsonl; an array task writes no manifest, the run after the array does.
 
 Privacy: every output names an input by its keyed pseudonym under the site key (`key`, and
 `source` too unless `sources=keep`), never by its path; the one map from pseudonym to path is
 OUT/private/sources.jsonl (mode 0600, or `private_dir=`), written before any work. Every record
 and OUT/privacy.json carry the key's fingerprint, and a re-run with another key is refused.
-Transient rejections (cannot open, out of memory) are retried by the next run of the command.
-Test hook for kill-and-rerun tests: see _ShardSink.
+Test hook for kill-and-rerun tests: see write_block.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ VOLATILE_KEYS = ("workers", "progress", "npz_chunk", "private_dir", "patient_sal
 SOURCE_MODES = ("pseudonym", "keep")
 PRIVACY_FILE = "privacy.json"
 TRANSIENT = ("cannot open", "out of memory")  # reasons worth another try on the next run
+PARTS = ".parts"  # the blocks' commit records
 
 
 class IngestError(RuntimeError):
@@ -90,15 +90,17 @@ class Unit:
     split_size: int = 0
     modality: str = "OT"
     reason: str = ""
+    nbytes: int = 0  # pixel bytes of one .npz image, or the file's size: orders the work
+
+    @property
+    def cost(self) -> int:
+        return self.nbytes * (self.stop - self.start if self.kind == "npz" else 1)
 
     def source(self, index: int, n: int) -> str:
         """`x.npz:split:i`, `dir/file` or, for multi-frame files, `dir/file#i`."""
         if self.kind == "npz":
             return f"{self.base}:{index}"
         return self.base if n == 1 else f"{self.base}#{index}"
-
-    def count(self, n_in_source: int) -> int:  # samples of this unit (a file: all its frames)
-        return self.stop - self.start if self.kind == "npz" else n_in_source
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -115,11 +117,22 @@ def _npz_units(path: Path, base: str, splits: tuple[str, ...], cfg: DictConfig) 
             units.append(Unit("reject", str(path), f"{base}:{split}", reason=reason))
             continue
         # Bound a work unit to ~4 MB of pixels: large images get smaller chunks.
-        chunk = max(1, min(int(cfg.npz_chunk), (4 << 20) // max(1, int(np.prod(shape[1:])))))
+        nbytes = max(1, int(np.prod(shape[1:])))
+        chunk = max(1, min(int(cfg.npz_chunk), (4 << 20) // nbytes))
         for start in range(0, shape[0], chunk):
             stop = min(shape[0], start + chunk)
             units.append(
-                Unit("npz", str(path), f"{base}:{split}", split, start, stop, shape[0], modality)
+                Unit(
+                    "npz",
+                    str(path),
+                    f"{base}:{split}",
+                    split,
+                    start,
+                    stop,
+                    shape[0],
+                    modality,
+                    nbytes=nbytes,
+                )
             )
     return units
 
@@ -184,7 +197,7 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
             if kind == "npz":
                 units += _npz_units(path, base, NPZ_SPLITS, cfg)
             else:
-                units.append(Unit("file", str(path), base))
+                units.append(Unit("file", str(path), base, nbytes=path.stat().st_size))
     unique: dict[tuple[str, int], Unit] = {}
     for unit in units:  # the same SRC given twice is ingested once; two files, one name: refused
         other = unique.setdefault((unit.base, unit.start), unit)
@@ -229,26 +242,170 @@ def _encode(unit: Unit, image: readers.DecodedImage, naming: Naming) -> dict:
     return shards.encode_sample(key, image.pixels, full)
 
 
-def _unit_samples(unit: Unit, skip: int, opts: dict, naming: Naming) -> list[dict]:
+def _unit_samples(unit: Unit, opts: dict, naming: Naming) -> list[dict]:
     if unit.kind == "npz":
-        start = unit.start + skip
         images = readers.npz_images(
-            unit.path, str(unit.split), start, unit.stop, modality=unit.modality
+            unit.path, str(unit.split), unit.start, unit.stop, modality=unit.modality
         )
-        if len(images) != unit.stop - start or images[0].record["n_in_source"] != unit.split_size:
+        if (
+            len(images) != unit.stop - unit.start
+            or images[0].record["n_in_source"] != unit.split_size
+        ):
             raise UnreadableImageError(f"{unit.path}: changed while ingesting")
     else:
-        images = readers.read_image_file(unit.path, site_key=naming.site, **opts)[skip:]
+        images = readers.read_image_file(unit.path, site_key=naming.site, **opts)
     return [_encode(unit, img, naming) for img in images]
 
 
-def process_unit(task: tuple[Unit, int, dict, Naming]) -> tuple[list[dict], str | None]:
-    """Worker: (encoded samples, None) or ([], rejection reason). Never raises for bad input."""
-    unit, skip, opts, naming = task
+# ------------------------------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class Block:
+    """The inputs of one shard index: `shard-NNNNNN.tar` (+ `shard-NNNNNN_0001.tar`... when its
+    files hold more frames than shard_size). A pure function of the planned inputs and
+    shard_size, so the output is the same for any number of workers or array tasks."""
+
+    index: int
+    units: tuple[Unit, ...]
+
+    @property
+    def cost(self) -> int:
+        return sum(unit.cost for unit in self.units)
+
+
+def plan_blocks(units: list[Unit], shard_size: int) -> list[Block]:
+    """Consecutive units, shard_size expected samples a block (a file counts one, a .npz chunk its
+    length, a rejection none); .npz chunks are cut at block edges."""
+    blocks: list[Block] = []
+    current: list[Unit] = []
+    room = shard_size
+
+    def close() -> None:
+        nonlocal current, room
+        blocks.append(Block(len(blocks), tuple(current)))
+        current, room = [], shard_size
+
+    for unit in units:
+        while unit.kind == "npz" and unit.stop - unit.start > room:
+            current.append(replace(unit, stop=unit.start + room))
+            unit = replace(unit, start=unit.start + room)
+            close()
+        current.append(unit)
+        room -= {"file": 1, "npz": unit.stop - unit.start}.get(unit.kind, 0)
+        if room <= 0:
+            close()
+    if current:
+        close()
+    return blocks
+
+
+def task_blocks(blocks: list[Block], task: int, tasks: int) -> list[Block]:
+    """Array task `task` of `tasks`: a contiguous slice of the blocks (a pure function of both)."""
+    bounds = np.linspace(0, len(blocks), tasks + 1).round().astype(int)
+    return blocks[bounds[task] : bounds[task + 1]]
+
+
+def _done_path(parts: Path, index: int) -> Path:
+    return parts / f"block-{index:06d}.json"
+
+
+def _block_files(out: Path, index: int) -> list[Path]:
+    return sorted(out.glob(f"{shards.SHARD_PREFIX}{index:06d}*{shards.SHARD_SUFFIX}*"))
+
+
+def read_done(parts: Path, index: int) -> dict | None:
+    """A block's commit record ({"shards", "records", "rejected"}), or None when the block must be
+    (re)done: never committed, cut by a kill, its shards gone, or a transient rejection to retry."""
+    try:
+        done = json.loads(_done_path(parts, index).read_text())
+        names, rejected = done["shards"], done["rejected"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if any(is_transient(r["reason"]) for r in rejected):
+        return None
+    if not all((parts.parent / name).is_file() for name in names):
+        return None
+    return done
+
+
+def is_transient(reason: str) -> bool:
+    return reason.startswith(TRANSIENT)
+
+
+def write_block(task: tuple[Block, dict, Naming, str, int]) -> tuple[int, int, list[dict]]:
+    """Worker: decode and encode one block's inputs into its own shards, rename them, then write
+    the block's commit record. Returns (block index, samples, rejections). Bad input is rejected,
+    never raised; a failing disk raises.
+
+    Test hook: $MEDSSL_INGEST_TEST_EXIT_AFTER="K" exits (75) after the K-th block of this process
+    renamed its shards, before its commit record; "K,M" after M samples went into the next
+    block's first temp shard."""
+    block, opts, naming, out_dir, size = task
+    out = Path(out_dir)
+    for stale in _block_files(out, block.index):  # from an attempt killed before its record
+        stale.unlink()
+    records: list[dict] = []
+    rejected: list[dict] = []
+    writer: shards.ShardWriter | None = None
+    names: list[str] = []
+
+    def commit() -> None:
+        nonlocal writer
+        assert writer is not None
+        path = writer.commit()
+        names.append(path.name)
+        records.extend({**rec, "shard": path.name} for rec in writer.records)
+        writer = None
+
+    try:
+        for unit in block.units:
+            samples, reason = process_unit((unit, opts, naming))
+            if reason is not None:
+                rejected.append({"source": naming.shown(unit.base), "reason": reason})
+            for sample in samples:
+                if writer is None:
+                    writer = shards.ShardWriter(out, block.index, len(names))
+                writer.write(sample)
+                if not names:
+                    _test_hook(renamed=False, samples=len(writer))
+                if len(writer) == size:
+                    commit()
+        if writer is not None:
+            commit()
+    finally:
+        if writer is not None:
+            writer.abort()
+    _test_hook(renamed=True)
+    done = {"shards": names, "records": records, "rejected": rejected}
+    atomic_write(_done_path(out / PARTS, block.index), json.dumps(done) + "\n")
+    return block.index, len(records), rejected
+
+
+_blocks_written = 0
+
+
+def _test_hook(renamed: bool, samples: int = 0) -> None:
+    """See write_block: called once a block's shards are renamed, and per sample written into its
+    first temp shard."""
+    global _blocks_written
+    spec = os.environ.get(TEST_EXIT_ENV)
+    if not spec:
+        return
+    k, _, m = spec.partition(",")
+    if renamed:
+        _blocks_written += 1
+        if not m and _blocks_written == int(k):
+            os._exit(75)
+    elif m and _blocks_written == int(k) and samples == int(m):
+        os._exit(75)
+
+
+def process_unit(task: tuple[Unit, dict, Naming]) -> tuple[list[dict], str | None]:
+    """Encoded samples of one unit, or ([], rejection reason). Never raises for bad input."""
+    unit, opts, naming = task
     if unit.kind == "reject":
         return [], unit.reason  # written by the planner, already without names
     try:
-        return _unit_samples(unit, skip, opts, naming), None
+        return _unit_samples(unit, opts, naming), None
     except UnreadableImageError as exc:
         return [], _reason(exc, unit)
     except MemoryError:
@@ -259,85 +416,9 @@ def process_unit(task: tuple[Unit, int, dict, Naming]) -> tuple[list[dict], str 
         return [], f"unexpected {type(exc).__name__}: {_reason(exc, unit)}"[:400]
 
 
-# ------------------------------------------------------------------------------ resume state
+# ------------------------------------------------------------------------------ run and merge
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def _committed_records(out: Path, parts: Path, shard_size: int) -> list[list[dict]]:
-    """Manifest lines of every committed shard, in order; a missing or cut part file is rebuilt
-    from its tar (the tar's JSON members are the source of truth)."""
-    tars = shards.list_shards(out)
-    if [p.name for p in tars] != [shards.shard_name(i) for i in range(len(tars))]:
-        raise IngestError(f"{out}: shard files are not a contiguous shard-000000.. sequence")
-    result: list[list[dict]] = []
-    for index, shard in enumerate(tars):
-        part = parts / f"{shard.stem}.jsonl"
-        try:
-            lines = [json.loads(line) for line in part.read_text().splitlines()]
-        except (FileNotFoundError, json.JSONDecodeError):
-            lines = [{**rec, "shard": shard.name} for rec in shards.iter_shard_records(shard)]
-            atomic_write(part, _jsonl(lines))
-        if index < len(tars) - 1 and len(lines) != shard_size:
-            raise IngestError(
-                f"{out}: {shard.name} holds {len(lines)} samples, not shard_size="
-                f"{shard_size}; resume with the original shard_size or a new --out"
-            )
-        result.append(lines)
-    return result
-
-
-def is_transient(reason: str) -> bool:
-    return reason.startswith(TRANSIENT)
-
-
-def _load_rejections(path: Path) -> dict[str, str]:
-    """Lasting rejections logged by earlier runs (by shown name). A line cut by a kill is dropped
-    and transient ones are forgotten: those inputs are tried again."""
-    good = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not is_transient(record["reason"]):
-            good.append(record)
-    atomic_write(path, _jsonl(good))
-    return {r["source"]: r["reason"] for r in good}
-
-
-def resume_plan(
-    units: list[Unit], committed: list[dict], rejected: dict[str, str], naming: Naming
-) -> list[tuple[Unit, int]]:
-    """(unit, samples to skip) for the work left, checking OUT holds nothing these inputs do not
-    produce. Committed samples are found by key, so an input retried after a transient rejection
-    may sit after inputs that follow it in SRC order."""
-    at = {rec["key"]: i for i, rec in enumerate(committed)}
-    tasks: list[tuple[Unit, int]] = []
-    matched = 0
-    for unit in units:
-        if naming.shown(unit.base) in rejected:
-            continue
-        first = unit.start
-        pos = at.get(naming.key(unit.source(first, 1)), at.get(naming.key(unit.source(first, 2))))
-        if pos is None:
-            tasks.append((unit, 0))
-            continue
-        n = int(committed[pos]["n_in_source"])
-        take = 0
-        while take < unit.count(n) and pos + take < len(committed):
-            if committed[pos + take]["key"] != naming.key(unit.source(first + take, n)):
-                break
-            take += 1
-        matched += take
-        if take < unit.count(n):
-            tasks.append((unit, take))
-    if matched != len(committed):
-        raise IngestError(
-            f"OUT holds {len(committed) - matched} sample(s) these inputs do not produce; use the "
-            "original SRC list, the same site key, or a new --out"
-        )
-    return tasks
 
 
 def _check_same_key(out: Path, naming: Naming) -> None:
@@ -390,8 +471,35 @@ def _write_private_map(cfg: DictConfig, units: list[Unit], naming: Naming) -> Pa
     return path
 
 
-def ingest(cfg: DictConfig) -> dict[str, Any]:
-    """Run the ingest described by cfg (see configs/ingest.yaml); returns the summary."""
+def _check_layout(parts: Path) -> None:
+    """Refuse an OUT written before ingest committed by blocks (one part file per shard)."""
+    if (parts / "rejected.jsonl").exists() or any(parts.glob("shard-*.jsonl")):
+        raise IngestError(
+            f"{parts.parent} was written by an earlier version of ingest (per-shard part files); "
+            "use a new --out"
+        )
+
+
+def _lock(out: Path, task: tuple[int, int] | None) -> list:
+    """A whole run excludes every other run on OUT; array tasks exclude only their own twin."""
+    held = []
+    for path, mode in [(out / ".lock", fcntl.LOCK_SH if task else fcntl.LOCK_EX)] + (
+        [(out / PARTS / f".lock-task-{task[0]}-of-{task[1]}", fcntl.LOCK_EX)] if task else []
+    ):
+        handle = open(path, "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise IngestError(f"{out}: another ingest is writing here") from exc
+        held.append(handle)
+    return held
+
+
+def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Run the ingest described by cfg (see configs/ingest.yaml); returns the summary.
+
+    `task=(i, n)` does only array task i's blocks (of n) and writes no manifest: a run without
+    `task` afterwards does what is left (nothing, when every task succeeded) and merges."""
     started, out = time.time(), Path(cfg.out)
     if cfg.sources not in SOURCE_MODES:
         raise IngestError(f"sources must be one of {SOURCE_MODES}, got {cfg.sources!r}")
@@ -399,33 +507,28 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
         raise IngestError(
             f"dicom.burned_in must be one of {BURNED_IN_POLICIES}, got {cfg.dicom.burned_in!r}"
         )
+    if task is not None and not 0 <= task[0] < task[1]:
+        raise IngestError(f"--task {task[0]} is not in 0..{task[1] - 1} (--tasks {task[1]})")
     naming = Naming(resolve_site_key(cfg.patient_salt_file, out=out), cfg.sources == "keep")
     units = plan_inputs(list(cfg.src), cfg, exclude=out)  # bad SRC: fail before touching OUT
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        raise IngestError(f"{out}: another ingest is writing here") from exc
-    parts = out / ".parts"
+    parts = out / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    locks = _lock(out, task)
+    _check_layout(parts)
     _check_same_key(out, naming)
     shown = OmegaConf.merge(cfg, {"src": [naming.shown(src) for src in cfg.src]})
     _check_same_settings(out, shown)
     save_config(shown, out)
     _write_private_map(cfg, units, naming)
-    parts.mkdir(exist_ok=True)
-    for stale in out.glob("*.tar.tmp"):  # half-written shard of a killed run
-        stale.unlink()
-    shard_lines = _committed_records(out, parts, int(cfg.shard_size))
-    committed = [line for lines in shard_lines for line in lines]
-    rejections = _load_rejections(parts / "rejected.jsonl")
-    tasks = resume_plan(units, committed, rejections, naming)
+    blocks = plan_blocks(units, int(cfg.shard_size))
+    mine = task_blocks(blocks, *task) if task else blocks
+    todo = [b for b in mine if read_done(parts, b.index) is None]
     logger.info(
-        "%d input unit(s), %d to do; %d sample(s) already committed in %s (site key %s)",
+        "%d input unit(s) in %d block(s) (shards); this run: %d block(s), %d to do (site key %s)",
         len(units),
-        len(tasks),
-        len(committed),
-        out,
+        len(blocks),
+        len(mine),
+        len(todo),
         naming.site.fingerprint(),
     )
     opts = {
@@ -434,104 +537,59 @@ def ingest(cfg: DictConfig) -> dict[str, Any]:
         "ct_window_preset": cfg.dicom.ct_window_preset,
         "use_window_tags": bool(cfg.dicom.use_window_tags),
     }
-    sink = _ShardSink(out, parts, int(cfg.shard_size), shard_lines)
-    rejected_log = open(parts / "rejected.jsonl", "a")  # noqa: SIM115 - closed below
-    results = _results([(unit, skip, opts, naming) for unit, skip in tasks], int(cfg.workers))
-    try:
-        bar = tqdm(total=len(tasks), unit="input", disable=not cfg.progress, desc="ingest")
-        for (unit, _), (samples, reason) in zip(tasks, results):
-            bar.update(1)
-            if reason is not None:
-                name = naming.shown(unit.base)
-                logger.warning("rejected %s: %s", name, reason)
-                rejections[name] = reason
-                rejected_log.write(json.dumps({"source": name, "reason": reason}) + "\n")
-                rejected_log.flush()
-            for sample in samples:
-                sink.add(sample)
-        bar.close()
-        sink.commit()
-    finally:
-        sink.abort()
-        results.close()
-        rejected_log.close()
-    summary = _finish(out, [naming.shown(u.base) for u in units], shard_lines, rejections, started)
-    lock.close()
+    work = [(block, opts, naming, str(out), int(cfg.shard_size)) for block in todo]
+    bar = tqdm(total=len(todo), unit="shard", disable=not cfg.progress, desc="ingest")
+    for _, samples, rejected in _map(write_block, work, int(cfg.workers), [b.cost for b in todo]):
+        for rejection in rejected:
+            logger.warning("rejected %s: %s", rejection["source"], rejection["reason"])
+        bar.update(1)
+        bar.set_postfix(samples=samples)
+    bar.close()
+    if task is not None:
+        done = [read_done(parts, b.index) or {} for b in mine]
+        summary = _counts(done, started) | {"task": task[0], "tasks": task[1]}
+    else:
+        summary = _merge(out, blocks, [naming.shown(u.base) for u in units], started)
+    for handle in locks:
+        handle.close()
     return summary
 
 
-def _results(work: list, workers: int) -> Iterator[tuple[list[dict], str | None]]:
-    """process_unit over `work` in input order. With a pool at most 4*workers units are in flight,
-    so memory stays bounded when workers encode faster than the single writer writes."""
+def _map(fn: Callable, work: list, workers: int, costs: list[int]) -> Iterator:
+    """fn over `work` in `workers` processes, costliest first (so no worker is left with the big
+    blocks at the end) and in any order; each block writes its own shards and commit record, so
+    nothing serialises on one writer. One worker: in order, in this process."""
     if workers < 2 or len(work) < 2:
-        yield from map(process_unit, work)
+        yield from map(fn, work)
         return
     ctx = mp.get_context("forkserver")  # never fork a threaded parent; workers import us once
     ctx.set_forkserver_preload([__name__])
-    pool, pending = ctx.Pool(workers), deque()
-    try:
-        for task in work:
-            pending.append(pool.apply_async(process_unit, (task,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        pool.terminate()
+    order = sorted(range(len(work)), key=lambda i: -costs[i])
+    with ctx.Pool(min(workers, len(work))) as pool:
+        yield from pool.imap_unordered(fn, [work[i] for i in order])
 
 
-class _ShardSink:
-    """Fills shards in input order; after each rename the shard's lines go to its part file.
-
-    Test hook: $MEDSSL_INGEST_TEST_EXIT_AFTER="K" exits (75) right after the K-th rename of this
-    run, before its part file; "K,M" exits after M more samples went into the next, temp shard."""
-
-    def __init__(self, out: Path, parts: Path, size: int, lines: list[list[dict]]):
-        self.out, self.parts, self.size, self.lines = out, parts, size, lines
-        self.writer: shards.ShardWriter | None = None
-        k, _, m = os.environ.get(TEST_EXIT_ENV, "").partition(",")
-        self.hook, self.commits = ((int(k), int(m) if m else -1) if k else None), 0
-
-    def add(self, sample: dict) -> None:
-        if self.writer is None:
-            self.writer = shards.ShardWriter(self.out, len(self.lines))
-        self.writer.write(sample)
-        if self.hook and self.hook == (self.commits, len(self.writer)):
-            os._exit(75)
-        if len(self.writer) == self.size:
-            self.commit()
-
-    def commit(self) -> None:
-        if self.writer is None:
-            return
-        path = self.writer.commit()
-        self.commits += 1
-        if self.hook and self.hook == (self.commits, -1):
-            os._exit(75)
-        self.lines.append([{**rec, "shard": path.name} for rec in self.writer.records])
-        atomic_write(self.parts / f"{path.stem}.jsonl", _jsonl(self.lines[-1]))
-        self.writer = None
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-
-def _finish(
-    out: Path,
-    names: list[str],
-    shard_lines: list[list[dict]],
-    rejections: dict[str, str],
-    started: float,
-) -> dict[str, Any]:
-    atomic_write(out / "manifest.jsonl", "".join(_jsonl(lines) for lines in shard_lines))
-    ordered = list(dict.fromkeys(name for name in names if name in rejections))
-    rejected = [{"source": base, "reason": rejections[base]} for base in ordered]
-    atomic_write(out / "rejected.jsonl", _jsonl(rejected))
-    ingested, seconds = sum(map(len, shard_lines)), round(time.time() - started, 3)
-    summary = dict(
-        ingested=ingested, rejected=len(rejected), seconds=seconds, shards=len(shard_lines)
+def _counts(done: list[dict], started: float) -> dict[str, Any]:
+    return dict(
+        ingested=sum(len(d.get("records", [])) for d in done),
+        rejected=sum(len(d.get("rejected", [])) for d in done),
+        seconds=round(time.time() - started, 3),
+        shards=sum(len(d.get("shards", [])) for d in done),
     )
+
+
+def _merge(out: Path, blocks: list[Block], names: list[str], started: float) -> dict[str, Any]:
+    """manifest.jsonl, rejected.jsonl and summary.json from every block's commit record."""
+    done = [read_done(out / PARTS, b.index) for b in blocks]
+    missing = [b.index for b, d in zip(blocks, done) if d is None]
+    if missing:  # a block that failed after its work was planned (e.g. its disk went away)
+        raise IngestError(f"{out}: block(s) {missing[:10]} not committed; run the command again")
+    atomic_write(out / "manifest.jsonl", "".join(_jsonl(d["records"]) for d in done))
+    reasons = {r["source"]: r["reason"] for d in done for r in d["rejected"]}
+    ordered = list(dict.fromkeys(name for name in names if name in reasons))
+    rejected = [{"source": name, "reason": reasons[name]} for name in ordered]
+    atomic_write(out / "rejected.jsonl", _jsonl(rejected))
+    summary = _counts(done, started) | {"rejected": len(rejected)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -543,6 +601,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, help="samples per shard")
     parser.add_argument("--workers", type=int, help="decoding processes")
     parser.add_argument("--config", help="recipe YAML over curation/configs/ingest.yaml")
+    parser.add_argument(
+        "--task", type=int, help="array task I: only its slice of the shards, no manifest"
+    )
+    parser.add_argument("--tasks", type=int, help="number of array tasks (with --task)")
 
 
 def _absolute(src: str) -> str:
@@ -553,7 +615,7 @@ def _absolute(src: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`python -m curation ingest`: exit 0 when anything was ingested."""
+    """`python -m curation ingest`: exit 0 when anything was ingested (or an array task ran)."""
     overrides, sources = split_overrides(args.src)
     if any(o.partition("=")[0].strip() == "patient_salt" for o in overrides):
         raise IngestError(
@@ -569,8 +631,13 @@ def run(args: argparse.Namespace) -> int:
         raise IngestError("no SRC given (files, folders, file.npz or file.npz:split)")
     if int(cfg.shard_size) < 1:
         raise IngestError(f"shard_size must be >= 1, got {cfg.shard_size}")
-    summary = ingest(cfg)
+    if (args.task is None) != (args.tasks is None):
+        raise IngestError("--task I and --tasks N go together")
+    task = None if args.task is None else (args.task, args.tasks)
+    summary = ingest(cfg, task)
     print(json.dumps(summary), flush=True)
+    if task is not None:
+        return 0  # the run after the array decides whether anything was ingested
     if summary["ingested"] == 0:
         print(
             f"error: nothing could be ingested: {summary['rejected']} input(s) rejected, reasons "

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m launch eval --backbone runs/a --backbone raw --protocol knn --protocol logreg "
         "--train x.npz:train --test x.npz:test --out runs/eval --cluster local",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a stage's own flag (ingest's --array) must not match ours by prefix
     )
     parser.add_argument("stage", choices=STAGES)
     add_cluster_arguments(parser)

@@ -61,24 +61,47 @@ def refuse_salt_argument(args: Sequence[str]) -> None:
 
 
 def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[PlannedJob], Path]:
-    """One job: `python -m curation ingest @ARGS_FILE` (a re-run resumes).
+    """One job `python -m curation ingest @ARGS_FILE` (a re-run resumes), or with `--array N` an
+    array of N tasks (`... --task I --tasks N`, each writing its own slice of the shards) and then
+    that job, which finds nothing left to do and merges the manifest (afterok on the array).
 
     The SRC paths (folders named after patients, often) go into a private arguments file,
     OUT/private/launch-ingest.args (mode 0600, or under private_dir=), which argparse reads;
     the job, its submitit pickle and the launch records name only that file."""
     refuse_salt_argument(stage_args)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--array", type=int, default=0)
     try:
+        known, stage_args = parser.parse_known_args(list(stage_args))
         out = ingest_out(stage_args)
     except SystemExit as exc:
         raise LaunchError(
-            "ingest needs --out DIR (python -m curation ingest SRC... --out DIR)"
+            "ingest needs --out DIR (python -m curation ingest SRC... --out DIR [--array N])"
         ) from exc
+    if known.array < 0:
+        raise LaunchError(f"--array must be >= 1, got {known.array}")
     private = dict(o.split("=", 1) for o in _split(stage_args)[0]).get("private_dir")
     args_file = (Path(private) if private else out / "private") / "launch-ingest.args"
     absolute = [_resolve_arg(a) for a in stage_args]  # the job may start in another folder
     write_private(args_file.resolve(), "".join(f"{a}\n" for a in absolute))
-    job = _job("ingest", "curation", ["ingest", f"@{args_file.resolve()}"], out, opts)
-    return [PlannedJob("ingest", [job])], out
+    argv = ["ingest", f"@{args_file.resolve()}"]
+    plan = []
+    if known.array:
+        n = known.array
+        tasks = [
+            _job(
+                f"ingest-{i:04d}",
+                "curation",
+                [*argv, "--task", str(i), "--tasks", str(n)],
+                out,
+                opts,
+            )
+            for i in range(n)
+        ]
+        plan.append(PlannedJob("ingest-tasks", tasks, array=True))
+    after = ["ingest-tasks"] if known.array else []
+    plan.append(PlannedJob("ingest", [_job("ingest", "curation", argv, out, opts)], after=after))
+    return plan, out
 
 
 def _resolve_arg(arg: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from curation.__main__ import main as curation_main
 from launch.__main__ import build_parser
 from launch.__main__ import main as launch_main
 from launch.attempts import read_attempts
@@ -21,6 +22,7 @@ from launch.jobs import StageFailed, StageJob, TaskPlace
 from launch.pipeline import plan_pipeline
 from launch.results import gather_eval_table
 from launch.stages import backbone_label
+from pretrain.data.shards import list_shards
 from pretrain.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +236,30 @@ def test_debug_cluster_runs_the_stage_in_this_process(tmp_path, medssl_data, cap
     assert (
         len((out / "manifest.jsonl").read_text().splitlines()) == 3
     )  # ihc, retina, microaneurysms
+
+
+def test_ingest_array_then_merge_equals_one_ingest(tmp_path, medssl_data, capsys):
+    """`launch ingest --array 3`: three tasks, each its own shards, then the job that merges; the
+    output equals a plain ingest's, byte for byte."""
+    npz = medssl_data / "breastmnist.npz"
+    common = [f"{npz}:val", f"{npz}:test", "--shard-size", "40", "progress=false"]
+    one = tmp_path / "one"
+    assert curation_main(["ingest", *common, "--out", str(one), "--workers", "1"]) == 0
+    out = tmp_path / "arr"
+    code = launch_main(
+        ["ingest", *common, "--out", str(out), "--array", "3", "--cluster", "local", "--wait"]
+    )
+    assert code == 0, capsys.readouterr().err
+    queued = [json.loads(line) for line in (out / "launch" / "jobs.jsonl").read_text().splitlines()]
+    assert [q["name"] for q in queued] == ["ingest-tasks", "ingest"]
+    starts = [r for r in read_attempts(out) if r["event"] == "start"]
+    assert len(starts) == 4  # three array tasks and the merge
+    for name in ("manifest.jsonl", "rejected.jsonl"):
+        assert (out / name).read_bytes() == (one / name).read_bytes()
+    assert {p.name: p.read_bytes() for p in list_shards(out)} == {
+        p.name: p.read_bytes() for p in list_shards(one)
+    }
+    assert "--task" not in (out / "private" / "launch-ingest.args").read_text()
 
 
 def _metrics_doc(accuracy: float, auroc: float) -> dict:

@@ -33,8 +33,11 @@ SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".tar"
 
 
-def shard_name(index: int) -> str:
-    return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+def shard_name(index: int, piece: int = 0) -> str:
+    """`shard-000012.tar`; a writer whose shard overflowed continues in `shard-000012_0001.tar`
+    (names sort in writing order)."""
+    more = f"_{piece:04d}" if piece else ""
+    return f"{SHARD_PREFIX}{index:06d}{more}{SHARD_SUFFIX}"
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:
@@ -134,8 +137,8 @@ class ShardWriter:
     header per member (webdataset's writer stamps float mtimes), and writing does not import torch.
     """
 
-    def __init__(self, out_dir: str | Path, index: int):
-        self.path = Path(out_dir) / shard_name(index)
+    def __init__(self, out_dir: str | Path, index: int, piece: int = 0):
+        self.path = Path(out_dir) / shard_name(index, piece)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self.records: list[dict[str, Any]] = []
