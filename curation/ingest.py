@@ -313,18 +313,22 @@ def _block_files(out: Path, index: int) -> list[Path]:
 
 
 def read_done(parts: Path, index: int) -> dict | None:
-    """A block's commit record ({"shards", "records", "rejected"}), or None when the block must be
-    (re)done: never committed, cut by a kill, its shards gone, or a transient rejection to retry."""
+    """A block's commit record ({"shards", "records", "rejected"}), or None when it has none: never
+    committed, cut by a kill, or its shards gone."""
     try:
         done = json.loads(_done_path(parts, index).read_text())
-        names, rejected = done["shards"], done["rejected"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if any(is_transient(r["reason"]) for r in rejected):
+    if not isinstance(done, dict) or not {"shards", "records", "rejected"} <= done.keys():
         return None
-    if not all((parts.parent / name).is_file() for name in names):
+    if not all((parts.parent / name).is_file() for name in done["shards"]):
         return None
     return done
+
+
+def needs_work(done: dict | None) -> bool:
+    """Uncommitted, or committed with a transient rejection that the next run tries again."""
+    return done is None or any(is_transient(r["reason"]) for r in done["rejected"])
 
 
 def is_transient(reason: str) -> bool:
@@ -522,7 +526,7 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
     _write_private_map(cfg, units, naming)
     blocks = plan_blocks(units, int(cfg.shard_size))
     mine = task_blocks(blocks, *task) if task else blocks
-    todo = [b for b in mine if read_done(parts, b.index) is None]
+    todo = [b for b in mine if needs_work(read_done(parts, b.index))]
     logger.info(
         "%d input unit(s) in %d block(s) (shards); this run: %d block(s), %d to do (site key %s)",
         len(units),
