@@ -43,7 +43,7 @@ class Contamination:
             }
 
 
-def decontaminate(
+def contamination_pairs(
     pool_thumbs: np.ndarray,
     pool_records: list[dict],
     active: np.ndarray,
@@ -51,50 +51,85 @@ def decontaminate(
     cfg,
     index_cfg: dict,
     *,
+    part: tuple[int, int] | None = None,
     progress: bool = True,
+) -> list[Pairs]:
+    """Verified copy candidates between pool images `active` (`a`: pool index) and each eval set
+    (`b`: eval index): the expensive half of decontamination, split into array tasks by `part`
+    (see dedup.merge_pairs)."""
+    active = np.asarray(active, dtype=np.int64)
+    found = []
+    for _, thumbs, records in eval_sets:
+        if not (len(active) and len(thumbs)):
+            found.append(Pairs.empty())
+            continue
+        pairs = copy_pairs(
+            np.asarray(pool_thumbs[active]),
+            np.asarray(thumbs),
+            cfg,
+            index_cfg,
+            res_q=short_side(pool_records)[active],
+            res_db=short_side(records),
+            part=part,
+            progress=progress,
+        )
+        pairs.a = active[pairs.a]
+        found.append(pairs)
+    return found
+
+
+def decontaminate(
+    pool_records: list[dict],
+    active: np.ndarray,
+    eval_sets: list[tuple[str, np.ndarray, list[dict]]],
+    cfg,
+    pairs: list[Pairs],
 ) -> Contamination:
-    """Check pool images `active` (indices) against every (name, thumbs, records) eval set."""
+    """Check pool images `active` (indices) against every (name, thumbs, records) eval set, with
+    `pairs` from contamination_pairs (one Pairs per eval set)."""
+    check_patient_keys(pool_records, active, eval_sets, cfg)
     found = Contamination()
     active = np.asarray(active, dtype=np.int64)
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i in active:
         by_hash[pool_records[i]["sha256"]].append(int(i))
-    for name, thumbs, records in eval_sets:
+    for (name, _, records), set_pairs in zip(eval_sets, pairs, strict=True):
         if cfg.exact:
             for rec in records:
                 for i in by_hash.get(rec["sha256"], []):
                     found.add(i, "exact", name, rec["key"], 1.0)
         if cfg.patients:
             patients = {r["patient"]: r["key"] for r in records if r.get("patient")}
-            if patients:
-                check_same_key(
-                    {
-                        "the pool": _fingerprints(pool_records, active),
-                        f"eval set {name}": _fingerprints(records),
-                    },
-                    "patient decontamination",
-                )
             for i in active:
                 p = pool_records[i].get("patient")
                 if p and p in patients:
                     found.add(int(i), "patient", name, patients[p])
-        if len(active) and len(thumbs):
-            pairs = copy_pairs(
-                np.asarray(pool_thumbs[active]),
-                np.asarray(thumbs),
-                cfg,
-                index_cfg,
-                res_q=short_side(pool_records)[active],
-                res_db=short_side(records),
-                progress=progress,
-            )
-            pairs.a = active[pairs.a]
-            found.pairs.append(pairs)
-            hit = pairs.copies(float(cfg.threshold), float(cfg.local_threshold))
-            for a, b, s in zip(pairs.a[hit], pairs.b[hit], pairs.ncc[hit]):
-                found.add(int(a), "copy", name, records[b]["key"], s)
+        found.pairs.append(set_pairs)
+        hit = set_pairs.copies(float(cfg.threshold), float(cfg.local_threshold))
+        for a, b, s in zip(set_pairs.a[hit], set_pairs.b[hit], set_pairs.ncc[hit]):
+            found.add(int(a), "copy", name, records[b]["key"], s)
         logger.info("eval set %s: %d pool images removed so far", name, len(found.removed))
     return found
+
+
+def check_patient_keys(
+    pool_records: list[dict],
+    active: np.ndarray,
+    eval_sets: list[tuple[str, np.ndarray, list[dict]]],
+    cfg,
+) -> None:
+    """Refuse (before any search) patient keys made with two site keys: they never match."""
+    if not cfg.patients:
+        return
+    for name, _, records in eval_sets:
+        if any(r.get("patient") for r in records):
+            check_same_key(
+                {
+                    "the pool": _fingerprints(pool_records, active),
+                    f"eval set {name}": _fingerprints(records),
+                },
+                "patient decontamination",
+            )
 
 
 def _fingerprints(records: list[dict], index: np.ndarray | None = None) -> set[str | None]:

@@ -7,7 +7,10 @@ query a FAISS index of whole-image views (stage 1, cheap, high recall), and the 
 are verified by multi-scale template matching (stage 2, precise). An edge needs both the copy
 score >= `threshold` and the worst-patch NCC >= `local_threshold` (see descriptor.match_pairs).
 
-`copy_pairs` is shared with decontamination (pool vs eval set).
+`copy_pairs` is shared with decontamination (pool vs eval set). At scale it runs as array tasks:
+`part=(i, n)` searches only slice i of the queries against the index of every image, and
+`merge_pairs` joins the parts into exactly the pairs one process finds (a query's candidates do not
+depend on the other queries, and a pair's verification does not depend on the other pairs).
 """
 
 from __future__ import annotations
@@ -45,6 +48,43 @@ class Pairs:
     def copies(self, threshold: float, local_threshold: float) -> np.ndarray:
         return (self.ncc >= threshold) & (self.local >= local_threshold)
 
+    def take(self, rows: np.ndarray) -> Pairs:
+        return Pairs(*(getattr(self, f)[rows] for f in PAIR_FIELDS))
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}{f}": getattr(self, f) for f in PAIR_FIELDS}
+
+    @classmethod
+    def empty(cls) -> Pairs:
+        return cls(
+            *(np.zeros(0, np.int64) for _ in "ab"), *(np.zeros(0, np.float32) for _ in "vnl")
+        )
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> Pairs:
+        return cls(*(arrays[f"{prefix}{f}"] for f in PAIR_FIELDS))
+
+
+PAIR_FIELDS = ("a", "b", "view", "ncc", "local")
+
+
+def part_rows(n: int, part: tuple[int, int] | None) -> range:
+    """Rows of slice i of n (contiguous, a pure function of n and the part), or all rows."""
+    if part is None:
+        return range(n)
+    i, parts = part
+    return range(n * i // parts, n * (i + 1) // parts)
+
+
+def merge_pairs(parts: list[Pairs], n_db: int) -> Pairs:
+    """One row per (a, b), the one with the best view similarity, ordered by (a, b): the pairs a
+    single process finds, from the pairs of its array tasks."""
+    joined = Pairs(*(np.concatenate([getattr(p, f) for p in parts]) for f in PAIR_FIELDS))
+    key = joined.a.astype(np.int64) * n_db + joined.b
+    order = np.lexsort((-joined.view, key))
+    first = np.r_[True, key[order][1:] != key[order][:-1]][: len(key)]
+    return joined.take(order[first])
+
 
 def _best_per_pair(
     q: np.ndarray, d: np.ndarray, s: np.ndarray, n_db: int
@@ -75,17 +115,20 @@ def view_candidates(
     candidates: int,
     min_similarity: float,
     index_cfg: dict,
+    part: tuple[int, int] | None = None,
     batch_size: int = 1024,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stage 1: (query idx, db idx, best view similarity) for db images near a crop of a query."""
+    """Stage 1: (query idx, db idx, best view similarity) for db images near a crop of a query
+    (the queries of slice `part` only, against every db image)."""
     n_db = len(thumbs_db)
     db = np.concatenate([full_views(thumbs_db[s:e]) for s, e in batches(n_db, 8192)])
     index = build_index(db, progress=progress, **copy_index_cfg(index_cfg, n_db))
     found: list[tuple[np.ndarray, ...]] = []
-    for s, e in tqdm(
-        list(batches(len(thumbs_q), batch_size)), desc="copy candidates", disable=not progress
-    ):
+    rows = part_rows(len(thumbs_q), part)
+    starts = range(rows.start, rows.stop, batch_size)
+    for s in tqdm(starts, desc="copy candidates", disable=not progress):
+        e = min(rows.stop, s + batch_size)
         views = crop_views(thumbs_q[s:e])
         b, v, dim = views.shape
         sims, ids = index.search(views.reshape(-1, dim), min(neighbours + 1, n_db))
@@ -110,11 +153,13 @@ def copy_pairs(
     *,
     res_q: np.ndarray | None = None,
     res_db: np.ndarray | None = None,
+    part: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> Pairs:
     """Verified candidate pairs; `thumbs_db=None` means within `thumbs_q` (pairs a < b).
 
-    res_q/res_db: short side of every source image (pairs are compared at the lower one)."""
+    res_q/res_db: short side of every source image (pairs are compared at the lower one).
+    part=(i, n): only the pairs found by slice i of the queries in each direction (merge_pairs)."""
     same = thumbs_db is None
     db = thumbs_q if same else thumbs_db
     if same:
@@ -124,6 +169,7 @@ def copy_pairs(
         candidates=int(cfg.candidates),
         min_similarity=float(cfg.candidate_min),
         index_cfg=index_cfg,
+        part=part,
         progress=progress,
     )
     q, d, s = view_candidates(thumbs_q, db, same=same, **opts)

@@ -16,6 +16,7 @@ checkpoint (`pretrain.backbones.load_backbone`), or `timm:<name>` with a weights
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
@@ -427,7 +428,8 @@ def embed_dataset(
     if only_group is not None and not 0 <= only_group < len(groups):
         raise EmbedError(f"--group {only_group} outside 0..{len(groups) - 1} for {spec}")
     todo = [] if merge_only else range(len(groups)) if only_group is None else [only_group]
-    for i in todo:
+
+    def embed(i: int) -> None:
         embed_group(
             groups[i],
             group_dir(out, i),
@@ -438,9 +440,18 @@ def embed_dataset(
             progress=progress,
             fingerprint=fps[i],
         )
-    if only_group is not None:
+
+    if only_group is not None:  # one task of an embed array: its own group folder
+        embed(only_group)
         return None
-    return merge(out, fps)
+    # The array tasks of later steps (near, decontam) all embed the small sets and merge at once:
+    # one at a time, the others then find the work done.
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for i in todo:
+            embed(i)
+        return merge(out, fps)
 
 
 def fingerprint_of(*parts: Any, hashes: ContentHashes | None = None) -> str:

@@ -24,14 +24,23 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from curation import report
-from curation.decontaminate import decontaminate
-from curation.dedup import components, copy_pairs, exact_duplicates, keeper_rank
+from curation.decontaminate import check_patient_keys, contamination_pairs, decontaminate
+from curation.dedup import (
+    Pairs,
+    components,
+    copy_pairs,
+    exact_duplicates,
+    keeper_rank,
+    merge_pairs,
+)
 from curation.embed import (
     Embedded,
     EmbedError,
@@ -43,7 +52,7 @@ from curation.embed import (
 from curation.hkmeans import auto_clusters, balanced_sample, hierarchical_kmeans
 from curation.index import normalize_rows
 from curation.retrieve import retrieve
-from curation.steps import Steps, StopAfter, Timer
+from curation.steps import PartsMissing, Steps, StopAfter, Timer
 from curation.writer import write_curated
 from pretrain.backbones import META_FILENAME, WEIGHTS_FILENAME, find_export
 from pretrain.config import ConfigError, load_config, save_config, split_overrides
@@ -53,8 +62,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 STEPS = ("embed", "exact", "near", "decontam", "select", "write", "report")
-RUN_STEPS = ("bootstrap", "embed", "global")
-USER_ERRORS = (DatasetSpecError, EmbedError, FileNotFoundError)
+RUN_STEPS = ("bootstrap", "embed", "near", "decontam", "global")
+ARRAY_STEPS = ("near", "decontam")  # split over `global_tasks` array tasks (--step S --task I)
+USER_ERRORS = (DatasetSpecError, EmbedError, FileNotFoundError, PartsMissing)
 
 
 def _index_cfg(cfg: DictConfig) -> dict:
@@ -219,17 +229,22 @@ def run_pipeline(
     only_group: int | None = None,
     stop_after: str | None = None,
     after_embed: bool = False,
+    task: tuple[str, int] | None = None,
 ) -> dict:
     """Run (or resume) every step; returns summary.json's content ({} when stopped early).
 
     `only_group`: one embed job of a SLURM array (nothing else). `after_embed`: the global job
-    after the array: every step after embedding, refusing when a pool group was not embedded."""
+    after the array: every step after embedding, refusing when a pool group was not embedded.
+    `task=(step, i)`: array task i of `global_tasks` of the near or decontam step: the steps
+    before it (merging the embed groups and earlier parts), then its slice of the search only."""
     out = Path(cfg.output_dir)
-    if only_group is None:  # array tasks run at once: the global job writes the config
+    if only_group is None and task is None:  # array tasks run at once: the global job writes it
         save_config(cfg, out)
     steps = Steps(out, stop_after=stop_after)
     try:
-        return _run_steps(cfg, out, steps, only_group=only_group, after_embed=after_embed)
+        return _run_steps(
+            cfg, out, steps, only_group=only_group, after_embed=after_embed, task=task
+        )
     except StopAfter:
         return {}
     finally:
@@ -237,9 +252,16 @@ def run_pipeline(
 
 
 def _run_steps(
-    cfg: DictConfig, out: Path, steps: Steps, *, only_group: int | None, after_embed: bool
+    cfg: DictConfig,
+    out: Path,
+    steps: Steps,
+    *,
+    only_group: int | None,
+    after_embed: bool,
+    task: tuple[str, int] | None,
 ) -> dict:
-    embedded = _embed_all(cfg, out, steps, only_group=only_group, merge_only=after_embed)
+    merge_only = after_embed or task is not None
+    embedded = _embed_all(cfg, out, steps, only_group=only_group, merge_only=merge_only)
     if embedded is None:
         return {}
     pool, seeds, evals, embed_settings = embedded
@@ -270,34 +292,57 @@ def _run_steps(
     keep_exact = got[1]["keep"]
     results["exact_groups"] = got[0]["data"]["groups"]
 
+    tasks = None if cfg.global_tasks is None else int(cfg.global_tasks)
+
+    def array_step(name: str, part: Callable, to_arrays: Callable, **inputs) -> Any:
+        """Run slice `task` of an array step and stop, or merge the parts (global_tasks set), or
+        compute the whole step here."""
+        key, _ = steps.key(name, **inputs)
+        if task is not None and task[0] == name:
+            steps.save_part(name, key, task[1], int(tasks), to_arrays(part((task[1], tasks))))
+            raise StopAfter(name)
+        return None if tasks is None else steps.load_parts(name, key, tasks)
+
+    def near_pairs(part: tuple[int, int] | None) -> Pairs:  # pool indices
+        active = np.nonzero(keep_exact)[0]
+        if not cfg.dedup.near or len(active) < 2:
+            return Pairs.empty()
+        pairs = copy_pairs(
+            np.asarray(pool.thumbs[active]),
+            None,
+            cfg.dedup,
+            index_cfg,
+            res_q=short_side(pool)[active],
+            part=part,
+            progress=cfg.progress,
+        )
+        pairs.a, pairs.b = active[pairs.a], active[pairs.b]
+        return pairs
+
+    near_inputs = dict(
+        settings={"dedup": cfg.dedup, "index": cfg.index, "seed": cfg.seed}, after=["exact"]
+    )
+    near_parts = array_step("near", near_pairs, lambda p: p.arrays(), **near_inputs)
+
     def near() -> tuple[dict, dict, dict]:  # c. near duplicates
         d = cfg.dedup
-        active = np.nonzero(keep_exact)[0]
-        if d.near and len(active) > 1:
-            pairs = copy_pairs(
-                np.asarray(pool.thumbs[active]),
-                None,
-                d,
-                index_cfg,
-                res_q=short_side(pool)[active],
-                progress=cfg.progress,
-            )
-            a, b = active[pairs.a], active[pairs.b]
-            ncc, local, view = pairs.ncc, pairs.local, pairs.view
+        if near_parts is None:
+            pairs = near_pairs(None)
         else:
-            a = b = np.zeros(0, np.int64)
-            ncc = local = view = np.zeros(0, np.float32)
+            pairs = merge_pairs([Pairs.from_arrays(a) for a in near_parts], n)
+        a, b, ncc, local, view = pairs.a, pairs.b, pairs.ncc, pairs.local, pairs.view
         edge = (ncc >= d.threshold) & (local >= d.local_threshold)
         keep_c, groups = components(n, a[edge], b[edge], rank)
         keep = keep_exact & keep_c
         summary = {
-            "in": int(len(active)),
+            "in": int(keep_exact.sum()),
             "out": int(keep.sum()),
             "candidate_pairs": int(len(a)),
             "edges": int(edge.sum()),
             "groups": len(groups),
             "threshold": d.threshold,
             "local_threshold": d.local_threshold,
+            "tasks": tasks,
         }
         return (
             summary,
@@ -305,27 +350,47 @@ def _run_steps(
             {"keep": keep, "a": a, "b": b, "ncc": ncc, "local": local, "view": view},
         )
 
-    got = steps.run(
-        "near",
-        near,
-        settings={"dedup": cfg.dedup, "index": cfg.index, "seed": cfg.seed},
-        after=["exact"],
-    )
+    got = steps.run("near", near, **near_inputs)
     keep_near = got[1]["keep"]
     results["near"] = got
 
-    def decontam() -> tuple[dict, dict, dict]:  # d. decontamination
-        active = np.nonzero(keep_near)[0]
-        sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
-        found = decontaminate(
+    eval_sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
+    near_active = np.nonzero(keep_near)[0]
+    check_patient_keys(pool.records, near_active, eval_sets, cfg.decontaminate)
+
+    def decontam_pairs(part: tuple[int, int] | None) -> list[Pairs]:
+        return contamination_pairs(
             pool.thumbs,
             pool.records,
-            active,
-            sets,
+            near_active,
+            eval_sets,
             cfg.decontaminate,
             index_cfg,
+            part=part,
             progress=cfg.progress,
         )
+
+    decontam_inputs = dict(
+        settings={"decontaminate": cfg.decontaminate, "index": cfg.index, "seed": cfg.seed},
+        datasets={"eval sets": list(cfg.eval_sets)},
+        after=["near"],
+    )
+    decontam_parts = array_step(
+        "decontam",
+        decontam_pairs,
+        lambda found: {k: v for j, p in enumerate(found) for k, v in p.arrays(f"{j}_").items()},
+        **decontam_inputs,
+    )
+
+    def decontam() -> tuple[dict, dict, dict]:  # d. decontamination
+        if decontam_parts is None:
+            pairs = decontam_pairs(None)
+        else:
+            pairs = [
+                merge_pairs([Pairs.from_arrays(a, f"{j}_") for a in decontam_parts], len(e))
+                for j, e in enumerate(evals)
+            ]
+        found = decontaminate(pool.records, near_active, eval_sets, cfg.decontaminate, pairs)
         keep = keep_near.copy()
         keep[list(found.removed)] = False
         reasons: dict[str, int] = {}
@@ -337,11 +402,12 @@ def _run_steps(
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
         summary = {
-            "in": int(len(active)),
+            "in": int(len(near_active)),
             "out": int(keep.sum()),
             "removed_by": reasons,
             "threshold": cfg.decontaminate.threshold,
             "local_threshold": cfg.decontaminate.local_threshold,
+            "tasks": tasks,
         }
         return (
             summary,
@@ -354,13 +420,7 @@ def _run_steps(
             },
         )
 
-    got = steps.run(
-        "decontam",
-        decontam,
-        settings={"decontaminate": cfg.decontaminate, "index": cfg.index, "seed": cfg.seed},
-        datasets={"eval sets": list(cfg.eval_sets)},
-        after=["near"],
-    )
+    got = steps.run("decontam", decontam, **decontam_inputs)
     keep_clean = got[1]["keep"]
     results["decontam"] = got
 
@@ -477,8 +537,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--step",
         choices=RUN_STEPS,
         help="bootstrap: train the bootstrap model only (bootstrap.enabled); embed: the embed step "
-        "only (all groups, or --group G); global: every step after embed (the job after an embed "
-        "array; refuses when a group is missing)",
+        "only (all groups, or --group G); near, decontam: slice --task I of global_tasks of that "
+        "step's search (array tasks); global: every step after embed (the job after the arrays; "
+        "refuses when a group or a part is missing)",
+    )
+    parser.add_argument(
+        "--task",
+        type=int,
+        help="with --step near or decontam: this array task's slice (0 .. global_tasks-1)",
     )
     parser.add_argument(
         "--group",
@@ -500,7 +566,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unexpected arguments {rest}: give settings as key=value")
     if args.group is not None and args.step != "embed":
         raise ConfigError("--group G needs --step embed (one embed job of an array)")
+    if (args.task is not None) != (args.step in ARRAY_STEPS):
+        raise ConfigError(f"--task I goes with --step {' or '.join(ARRAY_STEPS)}, and they with it")
     cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
+    if cfg.global_tasks is not None and int(cfg.global_tasks) < 1:
+        raise ConfigError(f"global_tasks must be >= 1 or null, got {cfg.global_tasks}")
+    if args.task is not None:
+        if cfg.global_tasks is None or not 0 <= args.task < int(cfg.global_tasks):
+            raise ConfigError(
+                f"--task {args.task} needs global_tasks=N with 0 <= task < N "
+                f"(global_tasks={cfg.global_tasks})"
+            )
+        run_pipeline(cfg, task=(args.step, args.task))
+        print(json.dumps({"step": args.step, "task": args.task, "tasks": cfg.global_tasks}))
+        return 0
     groups = None if cfg.embed.groups is None else int(cfg.embed.groups)
     if args.list_groups:
         print(len(dataset_groups(str(cfg.pool), cfg.embed.shards_per_job, groups)))

@@ -108,6 +108,10 @@ class ContentHashes:
             self.dirty = False
 
 
+class PartsMissing(RuntimeError):
+    """An array step's merge found parts missing (their tasks did not run or failed)."""
+
+
 class StopAfter(Exception):
     """Raised by Steps.run after the step named by `stop_after` (later runs resume)."""
 
@@ -141,6 +145,51 @@ class Steps:
             "after": {name: self.keys[name] for name in after},
         }
 
+    def key(
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        datasets: Mapping[str, Any] | None = None,
+        after: Iterable[str] = (),
+    ) -> tuple[str, dict]:
+        """(key, inputs) of step `name`: what `run` caches under, and what names its parts."""
+        inputs = self.inputs(settings, datasets, after)
+        key = hashlib.sha256(
+            json.dumps([name, inputs], sort_keys=True, default=str).encode()
+        ).hexdigest()
+        return key, inputs
+
+    def _part_path(self, name: str, key: str, task: int, tasks: int) -> Path:
+        return self.dir / "parts" / f"{name}-{key[:16]}" / f"part-{task:04d}-of-{tasks:04d}.npz"
+
+    def save_part(
+        self, name: str, key: str, task: int, tasks: int, arrays: dict[str, np.ndarray]
+    ) -> Path:
+        """Array task `task` of `tasks` of step `name` (under the step's key): its arrays."""
+        path = self._part_path(name, key, task, tasks)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as f:
+            np.savez(f, **arrays)
+        return path
+
+    def load_parts(self, name: str, key: str, tasks: int) -> list[dict[str, np.ndarray]]:
+        """Every part of an array step, in task order; refuses, naming them, when some are missing
+        (or were computed from other data or settings: another key)."""
+        paths = [self._part_path(name, key, i, tasks) for i in range(tasks)]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        if missing:
+            listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise PartsMissing(
+                f"step {name}: {len(missing)} of {tasks} array part(s) missing for these data and "
+                f"settings (task {listed}; first: {paths[missing[0]]}). Run `python -m curation "
+                f"run ... --step {name} --task I` for each (the same config), then again"
+            )
+        parts = []
+        for path in paths:
+            with np.load(path, allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files})
+        return parts
+
     def _dataset_hash(self, spec: Any) -> Any:
         if isinstance(spec, list | tuple | ListConfig):
             return [self.hashes.dataset(str(s)) for s in spec]
@@ -159,10 +208,7 @@ class Steps:
 
         `compute() -> (summary, data, arrays)`; `datasets`: {label: dataset spec or list of specs}
         read by the step; `after`: names of the steps whose results it reads."""
-        inputs = self.inputs(settings, datasets, after)
-        key = hashlib.sha256(
-            json.dumps([name, inputs], sort_keys=True, default=str).encode()
-        ).hexdigest()
+        key, inputs = self.key(name, settings, datasets, after)
         got = self._load(name, key, inputs)
         if got is None:
             with Timer() as t:

@@ -9,8 +9,15 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from curation.decontaminate import decontaminate
-from curation.dedup import components, copy_pairs, exact_duplicates, keeper_rank
+from curation.decontaminate import contamination_pairs, decontaminate
+from curation.dedup import (
+    components,
+    copy_pairs,
+    exact_duplicates,
+    keeper_rank,
+    merge_pairs,
+    part_rows,
+)
 from curation.descriptor import match_pairs, thumbnail
 from curation.plant import medmnist
 from curation.run import DEFAULT_CONFIG
@@ -121,6 +128,34 @@ def test_planted_copies_found_and_unique_images_kept(pool, index):
     assert len(removed) <= 0.01 * len(unique), removed
 
 
+def test_array_parts_merge_to_the_pairs_of_one_process(pool):
+    """Three slices of the queries, searched and verified apart, then merged: the same pairs,
+    view similarities and verdicts as one process (pool vs pool, and pool vs an eval set)."""
+    images, _, _ = pool
+    thumbs = thumbs_of(images)
+    res = np.array([min(px.shape[:2]) for px in images])
+    assert [len(part_rows(10, (i, 3))) for i in range(3)] == [3, 3, 4]
+    for db, res_db in ((None, None), (thumbs[:60], res[:60])):
+        n_db = len(thumbs if db is None else db)
+        one = copy_pairs(thumbs, db, DEDUP, INDEX, res_q=res, res_db=res_db, progress=False)
+        parts = [
+            copy_pairs(
+                thumbs, db, DEDUP, INDEX, res_q=res, res_db=res_db, part=(i, 3), progress=False
+            )
+            for i in range(3)
+        ]
+        assert min(len(p.a) for p in parts) > 0
+        merged = merge_pairs(parts, n_db)
+        assert len(merged.a) == len(one.a) > len(images)  # many candidates, not only copies
+        np.testing.assert_array_equal(merged.a, one.a)
+        np.testing.assert_array_equal(merged.b, one.b)
+        np.testing.assert_array_equal(merged.view, one.view)
+        np.testing.assert_allclose(merged.ncc, one.ncc, atol=1e-6)
+        verdict = (DEDUP.threshold, DEDUP.local_threshold)
+        np.testing.assert_array_equal(merged.copies(*verdict), one.copies(*verdict))
+        assert one.copies(*verdict).sum() >= 6 * 5  # the planted copies are among them
+
+
 def test_keeper_is_deterministic_and_prefers_more_pixels():
     keys = np.array(["b", "a", "c"])
     rank = keeper_rank(keys, np.array([784, 784, 3136]))
@@ -148,15 +183,12 @@ def test_eval_copies_and_patients_are_removed(pool, medssl_data):
     ]
     eval_records[9]["patient"] = "patient-x"
     cfg = DEFAULTS.decontaminate
-    found = decontaminate(
-        thumbs_of(pool_imgs),
-        records,
-        np.arange(len(pool_imgs)),
-        [("eval", thumbs_of(evals), eval_records)],
-        cfg,
-        INDEX,
-        progress=False,
+    sets = [("eval", thumbs_of(evals), eval_records)]
+    active = np.arange(len(pool_imgs))
+    pairs = contamination_pairs(
+        thumbs_of(pool_imgs), records, active, sets, cfg, INDEX, progress=False
     )
+    found = decontaminate(records, active, sets, cfg, pairs)
     assert found.removed[250]["reason"] == "exact" and found.removed[250]["eval_key"] == "e0"
     for row, key in ((251, "e1"), (252, "e2"), (253, "e3")):
         assert found.removed[row]["reason"] == "copy" and found.removed[row]["eval_key"] == key

@@ -246,6 +246,45 @@ def test_array_tasks_embed_their_group_and_global_job_refuses_missing_ones(data,
     )
 
 
+def test_global_array_tasks_give_the_single_process_result(data, capsys):
+    """global_tasks=3: `--step near --task I`, then `--step decontam --task I`, then `--step global`
+    keep exactly the images, pairs and clusters of one process; missing parts are named."""
+    from curation.__main__ import main
+
+    def steps_of(out: Path) -> dict:
+        return {n: np.load(out / "steps" / f"{n}.npz") for n in ("near", "decontam", "select")}
+
+    one = data["root"] / "run-one"
+    extra = ("sample.target_size=150", "balance.n_clusters=[20,4]")
+    assert main(["run", *_overrides(data, one, *extra)]) == 0
+    out = data["root"] / "run-tasks"
+    args = ["run", *_overrides(data, out, *extra, "global_tasks=3")]
+    assert main([*args, "--step", "embed"]) == 0  # (or an embed array, as launch queues it)
+    for task in (2, 0):
+        assert main([*args, "--step", "near", "--task", str(task)]) == 0
+    assert main([*args, "--step", "decontam", "--task", "0"]) == 2  # needs every near part
+    err = capsys.readouterr().err
+    assert "step near: 1 of 3 array part(s) missing" in err and "(task 1;" in err
+    assert main([*args, "--step", "near", "--task", "1"]) == 0
+    assert main([*args, "--step", "global"]) == 2
+    assert "step decontam: 3 of 3 array part(s) missing" in capsys.readouterr().err
+    for task in (1, 2, 0):
+        assert main([*args, "--step", "decontam", "--task", str(task)]) == 0
+    assert main([*args, "--step", "global"]) == 0
+    assert _curated(out).keys() == _curated(one).keys()
+    got, want = steps_of(out), steps_of(one)
+    for name in ("near", "decontam"):
+        for field in ("keep", "a", "local"):
+            np.testing.assert_array_equal(got[name][field], want[name][field])
+    np.testing.assert_array_equal(got["near"]["b"], want["near"]["b"])
+    for field in ("rows", "candidate_leaf"):
+        np.testing.assert_array_equal(got["select"][field], want["select"][field])
+    summary = json.loads((out / "summary.json").read_text())["steps"]
+    assert summary["near"]["tasks"] == summary["decontam"]["tasks"] == 3
+    assert summary["near"]["edges"] >= len(data["planted"]) - 2
+    assert main([*args, "--step", "near"]) == 2 and main([*args, "--task", "0"]) == 2
+
+
 def test_group_count_fixes_contiguous_chunks_even_beyond_the_shards(tmp_path, medssl_data):
     from curation.embed import dataset_groups, embed_group, load_embedded
 
