@@ -1,12 +1,16 @@
-"""Curation at cluster scale: the embedding step as an array over shard groups, then the global
-steps (deduplication, decontamination, retrieval or balancing, writing) as one job that depends on
-the whole array.
+"""Curation at cluster scale: the embedding step as an array over shard groups, optionally the
+near-duplicate and decontamination searches as arrays over slices of the queries, then the global
+steps (merging, connected components, retrieval or balancing, writing) as one job that depends on
+the arrays.
 
-  python -m launch curate --config FILE pool=SHARDS output_dir=DIR [key=value ...] [--embed-groups N]
+  python -m launch curate --config FILE pool=SHARDS output_dir=DIR [key=value ...]
+      [--embed-groups N] [--global-tasks M]
 
 The stage arguments are those of `python -m curation run`; the launcher adds to each job:
   array task G:  python -m curation run ARGS embed.groups=N --step embed --group G
-  global job:    python -m curation run ARGS embed.groups=N --step global
+  with M:        python -m curation run ARGS ... global_tasks=M --step near --task I     (I < M)
+                 python -m curation run ARGS ... global_tasks=M --step decontam --task I
+  global job:    python -m curation run ARGS embed.groups=N [global_tasks=M] --step global
 (and, with bootstrap.enabled, a first `--step bootstrap` job that trains the embedding model once).
 Group G is a pure function of (the sorted pool shards, G, N), so a requeued task redoes exactly its
 own group, and the global job merges the N groups, refusing (naming them) when any is missing.
@@ -57,21 +61,29 @@ def plan_curate(
     after: Sequence[str] = (),
     prefix: str = "curate",
 ) -> tuple[list[PlannedJob], Path]:
-    """[bootstrap job], N embed array tasks, then the global job (afterok on the array)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    """[bootstrap job], N embed array tasks, [M near tasks, M decontam tasks], then the global job,
+    each afterok on the one before."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--embed-groups", type=int)
+    parser.add_argument("--global-tasks", type=int)
     try:
         known, rest = parser.parse_known_args(list(stage_args))
     except SystemExit as exc:
-        raise LaunchError("curate: --embed-groups needs a number") from exc
+        raise LaunchError("curate: --embed-groups and --global-tasks need a number") from exc
     cfg = curate_config(rest)
     n = known.embed_groups or (int(cfg.embed.groups) if cfg.embed.groups else DEFAULT_GROUPS)
     if n < 1:
         raise LaunchError("--embed-groups must be >= 1")
+    m = known.global_tasks or (int(cfg.global_tasks) if cfg.global_tasks else None)
+    if m is not None and m < 1:
+        raise LaunchError("--global-tasks must be >= 1")
     out = Path(cfg.output_dir).resolve()
     # the jobs see the same absolute output_dir whatever their working directory
-    rest = [a for a in rest if not a.startswith(("output_dir=", "embed.groups="))]
+    fixed = ("output_dir=", "embed.groups=", "global_tasks=")
+    rest = [a for a in rest if not a.startswith(fixed)]
     base = ["run", *rest, f"output_dir={out}", f"embed.groups={n}"]
+    if m:
+        base.append(f"global_tasks={m}")
     in_process = opts.cluster == "debug"
 
     def job(name: str, flags: list[str]) -> StageJob:
@@ -93,6 +105,13 @@ def plan_curate(
         job(f"{prefix}-embed-{g:04d}", ["--step", "embed", "--group", str(g)]) for g in range(n)
     ]
     plan.append(PlannedJob(f"{prefix}-embed", embed, after=list(after), array=True))
+    after = [f"{prefix}-embed"]
+    for step in ("near", "decontam") if m else ():
+        tasks = [
+            job(f"{prefix}-{step}-{i:04d}", ["--step", step, "--task", str(i)]) for i in range(m)
+        ]
+        plan.append(PlannedJob(f"{prefix}-{step}", tasks, after=after, array=True))
+        after = [f"{prefix}-{step}"]
     final = job(f"{prefix}-global", ["--step", "global"])
-    plan.append(PlannedJob(f"{prefix}-global", [final], after=[f"{prefix}-embed"]))
+    plan.append(PlannedJob(f"{prefix}-global", [final], after=after))
     return plan, out

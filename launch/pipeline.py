@@ -2,7 +2,8 @@
 
   python -m launch pipeline SRC... --out DIR --pretrain-config RECIPE --eval-train SPEC
       --eval-test SPEC [--eval-val SPEC] [--protocol P ...] [--baseline raw] [--no-curate]
-      [--curate-config FILE] [--embed-groups N] [ingest.K=V] [curate.K=V] [pretrain.K=V] [eval.K=V]
+      [--curate-config FILE] [--embed-groups N] [--ingest-array N] [--global-tasks M]
+      [ingest.K=V] [curate.K=V] [pretrain.K=V] [eval.K=V]
 
 Layout: DIR/shards (ingest), DIR/curation (curation run output_dir; the curated shards in
 DIR/curation/curated, its report in DIR/curation/report.html), DIR/pretrain (output_dir),
@@ -27,7 +28,9 @@ PREFIXES = ("ingest.", "curate.", "pretrain.", "eval.")
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch pipeline", add_help=False)
+    p = argparse.ArgumentParser(
+        prog="python -m launch pipeline", add_help=False, allow_abbrev=False
+    )
     p.add_argument("sources", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--pretrain-config", required=True)
@@ -40,6 +43,10 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-curate", action="store_true", help="pretrain on the ingested shards")
     p.add_argument("--curate-config")
     p.add_argument("--embed-groups", type=int, help="curation embed array size (default: 4)")
+    p.add_argument("--ingest-array", type=int, help="ingest as an array of N tasks, then a merge")
+    p.add_argument(
+        "--global-tasks", type=int, help="curation near/decontam searches as arrays of N tasks"
+    )
     return p
 
 
@@ -84,7 +91,8 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
         out / n for n in ("shards", "curation", "pretrain", "eval")
     )
 
-    plan, _ = plan_ingest([*known.sources, "--out", str(shards), *routed["ingest"]], opts)
+    array = ["--array", str(known.ingest_array)] if known.ingest_array else []
+    plan, _ = plan_ingest([*known.sources, "--out", str(shards), *array, *routed["ingest"]], opts)
     last = plan[-1].name
     train_data = shards
     if not known.no_curate:
@@ -98,6 +106,7 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
             curate_args.append(f"eval_sets=[{','.join(held_out)}]")
         curate_args += routed["curate"]
         curate_args += ["--embed-groups", str(known.embed_groups)] if known.embed_groups else []
+        curate_args += ["--global-tasks", str(known.global_tasks)] if known.global_tasks else []
         curate_plan, _ = plan_curate(curate_args, opts, after=[last])
         plan += curate_plan
         last, train_data = plan[-1].name, curation_dir / "curated"

@@ -541,6 +541,47 @@ def test_pipeline_plan_curates_between_ingest_and_pretrain(tmp_path):
     assert f"data.train={out / 'curation' / 'curated'}" in pretrain.argv
 
 
+def test_pipeline_plan_with_ingest_and_search_arrays(tmp_path):
+    """--ingest-array 2 --global-tasks 3: ingest tasks, then the merging ingest; embed array; the
+    near and decontam arrays; the global job; every job afterok on the one before."""
+    opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
+    plan, out = plan_pipeline(
+        [
+            "src1",
+            "--out",
+            str(tmp_path / "p"),
+            "--pretrain-config",
+            str(REPO / "pretrain" / "configs" / "simclr_cpu.yaml"),
+            "--eval-train",
+            "x.npz:train",
+            "--eval-test",
+            "x.npz:test",
+            "--embed-groups",
+            "2",
+            "--ingest-array",
+            "2",
+            "--global-tasks",
+            "3",
+        ],
+        opts,
+    )
+    assert [(p.name, p.after, len(p.calls), p.array) for p in plan][:7] == [
+        ("ingest-tasks", [], 2, True),
+        ("ingest", ["ingest-tasks"], 1, False),
+        ("curate-embed", ["ingest"], 2, True),
+        ("curate-near", ["curate-embed"], 3, True),
+        ("curate-decontam", ["curate-near"], 3, True),
+        ("curate-global", ["curate-decontam"], 1, False),
+        ("pretrain", ["curate-global"], 1, False),
+    ]
+    assert plan[0].calls[1].argv[-4:] == ["--task", "1", "--tasks", "2"]
+    near, final = plan[3].calls[2], plan[5].calls[0]
+    assert (
+        near.argv[-5:] == ["embed.groups=2", "global_tasks=3", "--step", "near", "--task", "2"][1:]
+    )
+    assert final.argv[-3:] == ["global_tasks=3", "--step", "global"]
+
+
 def test_curate_plan_trains_the_bootstrap_model_once_before_the_array(tmp_path):
     from launch.curate import plan_curate
 
