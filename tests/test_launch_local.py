@@ -576,9 +576,7 @@ def test_pipeline_plan_with_ingest_and_search_arrays(tmp_path):
     ]
     assert plan[0].calls[1].argv[-4:] == ["--task", "1", "--tasks", "2"]
     near, final = plan[3].calls[2], plan[5].calls[0]
-    assert (
-        near.argv[-5:] == ["embed.groups=2", "global_tasks=3", "--step", "near", "--task", "2"][1:]
-    )
+    assert near.argv[-5:] == ["global_tasks=3", "--step", "near", "--task", "2"]
     assert final.argv[-3:] == ["global_tasks=3", "--step", "global"]
 
 
