@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,10 +308,16 @@ def test_eval_array_then_dependent_table_job(runs):
         assert row["accuracy"] == doc["protocols"][row["protocol"]]["settings"][best]["accuracy"]
 
 
+ARRAY_CURATION = ("sample.target_size=12", "balance.n_clusters=[6,2]", "progress=false")
+
+
 @pytest.fixture(scope="module")
 def curation_jobs(slurm_cluster, medssl_data, tmp_path_factory):
-    """`launch curate` on SLURM: a 2-task embed array and the global job queued afterok on it."""
+    """Queued at once: `launch curate` with a 2-task embed array and the global job afterok on it;
+    `launch curate --global-tasks 3` (embed, near and decontam arrays, then the global job); and
+    `launch ingest --array 3` (three tasks, then the merging ingest)."""
     from launch.curate import plan_curate
+    from launch.stages import plan_ingest
     from tests.test_launch_local import _curation_pool
 
     root = tmp_path_factory.mktemp("slurm_curation")
@@ -320,14 +327,80 @@ def curation_jobs(slurm_cluster, medssl_data, tmp_path_factory):
         [f"pool={pool}", f"output_dir={out}", "progress=false", "--embed-groups", "2"], _opts(out)
     )
     assert planned_out == out.resolve()
+    outcome = {"out": out, "pool": pool, "copies": copies, "root": root}
     submitted = submit_plan(plan, _opts(out), out)
-    outcome = {"out": out, "pool": pool, "copies": copies, "submitted": submitted}
+    tasks_out = root / "curation-tasks"
+    evals = f"eval_sets=[{medssl_data / 'pneumoniamnist.npz'}:val]"  # holds the pool's X-rays
+    tasks_args = [f"pool={pool}", evals, *ARRAY_CURATION]
+    plan, _ = plan_curate(
+        [*tasks_args, f"output_dir={tasks_out}", "--embed-groups", "2", "--global-tasks", "3"],
+        _opts(tasks_out),
+        prefix="tasks",
+    )
+    submitted += submit_plan(plan, _opts(tasks_out), tasks_out)
+    ingest_out = root / "ingest-array"
+    ingest_args = [f"{medssl_data / 'breastmnist.npz'}:test", "--shard-size", "40"]
+    plan, _ = plan_ingest(
+        [*ingest_args, "progress=false", "--out", str(ingest_out), "--array", "3"],
+        _opts(ingest_out),
+    )
+    submitted += submit_plan(plan, _opts(ingest_out), ingest_out)
+    outcome.update(
+        submitted=submitted,
+        tasks_out=tasks_out,
+        tasks_args=tasks_args,
+        ingest_out=ingest_out,
+        ingest_args=ingest_args,
+    )
     for entry in submitted:
         try:
             outcome[entry.name] = wait_for(entry.jobs, timeout_s=JOB_TIMEOUT_S)
         except JobFailed as exc:
             outcome[entry.name] = exc
     return outcome
+
+
+def test_search_arrays_give_the_single_process_keep_set_and_clusters(curation_jobs):
+    """global_tasks=3 on SLURM: 3 near tasks and 3 decontam tasks, each a slice of the queries,
+    merged by the global job into exactly what one process keeps, removes and clusters."""
+    from curation.run import DEFAULT_CONFIG, run_pipeline
+    from pretrain.config import load_config
+
+    assert len(_ok(curation_jobs, "tasks-near")) == len(_ok(curation_jobs, "tasks-decontam")) == 3
+    _ok(curation_jobs, "tasks-global")
+    out, one = curation_jobs["tasks_out"], curation_jobs["root"] / "curation-one"
+    run_pipeline(
+        load_config(DEFAULT_CONFIG, None, [*curation_jobs["tasks_args"], f"output_dir={one}"])
+    )
+    parts = sorted(p.name for p in (out / "steps" / "parts").rglob("part-*.npz"))
+    assert parts == sorted([f"part-{i:04d}-of-0003.npz" for i in range(3)] * 2)
+    for step, fields in (
+        ("near", ("keep", "a", "b")),
+        ("decontam", ("keep", "a")),
+        ("select", ("rows", "candidate_leaf")),
+    ):
+        got, want = np.load(out / "steps" / f"{step}.npz"), np.load(one / "steps" / f"{step}.npz")
+        for field in fields:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=f"{step}.{field}")
+    removed = json.loads((out / "steps" / "decontam.json").read_text())["data"]["removed"]
+    assert len(removed) >= 30  # the 30 X-rays of the pool come from the eval split
+    queued = [
+        json.loads(line)["name"]
+        for line in (out / "launch" / JOBS_FILENAME).read_text().splitlines()
+    ]
+    assert queued == ["tasks-embed", "tasks-near", "tasks-decontam", "tasks-global"]
+
+
+def test_ingest_array_then_merge_equals_one_ingest(curation_jobs, tmp_path):
+    from curation.__main__ import main as curation_main
+    from pretrain.data.shards import list_shards
+
+    assert len(_ok(curation_jobs, "ingest-tasks")) == 3
+    _ok(curation_jobs, "ingest")
+    out, one = curation_jobs["ingest_out"], tmp_path / "one"
+    assert curation_main(["ingest", *curation_jobs["ingest_args"], "--out", str(one)]) == 0
+    assert (out / "manifest.jsonl").read_bytes() == (one / "manifest.jsonl").read_bytes()
+    assert [p.read_bytes() for p in list_shards(out)] == [p.read_bytes() for p in list_shards(one)]
 
 
 def test_curation_embed_array_then_dependent_global_job(curation_jobs):
