@@ -25,10 +25,12 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from curation import report
@@ -40,7 +42,9 @@ from curation.dedup import (
     exact_duplicates,
     keeper_rank,
     merge_pairs,
+    part_rows,
 )
+from curation.dkmeans import gather_rows, hierarchical_kmeans_dist
 from curation.embed import (
     Embedded,
     EmbedError,
@@ -57,12 +61,22 @@ from curation.writer import write_curated
 from pretrain.backbones import META_FILENAME, WEIGHTS_FILENAME, find_export
 from pretrain.config import ConfigError, load_config, save_config, split_overrides
 from pretrain.data.specs import DatasetSpecError
+from pretrain.distributed import (
+    barrier,
+    cleanup_distributed,
+    detect_env,
+    global_rank,
+    init_distributed,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 STEPS = ("embed", "exact", "near", "decontam", "select", "write", "report")
 RUN_STEPS = ("bootstrap", "embed", "near", "decontam", "global")
+KMEANS = ("faiss", "exact")
+RANK_WAIT = timedelta(hours=48)  # other ranks wait while rank 0 deduplicates a large pool
 ARRAY_STEPS = ("near", "decontam")  # split over `global_tasks` array tasks (--step S --task I)
 USER_ERRORS = (DatasetSpecError, EmbedError, FileNotFoundError, PartsMissing)
 
@@ -230,17 +244,19 @@ def run_pipeline(
     stop_after: str | None = None,
     after_embed: bool = False,
     task: tuple[str, int] | None = None,
+    writer: bool = True,
 ) -> dict:
     """Run (or resume) every step; returns summary.json's content ({} when stopped early).
 
     `only_group`: one embed job of a SLURM array (nothing else). `after_embed`: the global job
     after the array: every step after embedding, refusing when a pool group was not embedded.
     `task=(step, i)`: array task i of `global_tasks` of the near or decontam step: the steps
-    before it (merging the embed groups and earlier parts), then its slice of the search only."""
+    before it (merging the embed groups and earlier parts), then its slice of the search only.
+    `writer=False`: a rank other than 0 of a distributed global job (computes, never writes)."""
     out = Path(cfg.output_dir)
-    if only_group is None and task is None:  # array tasks run at once: the global job writes it
+    if only_group is None and task is None and writer:  # array tasks run at once
         save_config(cfg, out)
-    steps = Steps(out, stop_after=stop_after)
+    steps = Steps(out, stop_after=stop_after, writer=writer)
     try:
         return _run_steps(
             cfg, out, steps, only_group=only_group, after_embed=after_embed, task=task
@@ -452,6 +468,48 @@ def _run_steps(
     return report.write_report(cfg, out, steps.summaries, results)
 
 
+def run_ranked(cfg: DictConfig, *, stop_after: str | None, after_embed: bool) -> dict:
+    """The global job on one rank or several (torchrun/SLURM variables). With several, rank 0 runs
+    the steps up to decontamination while the others wait; then, with balance.kmeans=exact, every
+    rank clusters its slice of the candidates (curation/dkmeans.py) and rank 0 samples and writes.
+    The clusters are those of one process."""
+    env = detect_env()
+    if env.world_size == 1:
+        return run_pipeline(cfg, stop_after=stop_after, after_embed=after_embed)
+    init_distributed(env, torch.device("cpu"), backend="gloo", timeout=RANK_WAIT)
+    try:
+        if env.rank == 0:
+            run_pipeline(cfg, stop_after="decontam", after_embed=after_embed)
+        barrier()
+        if env.rank > 0 and cfg.balance.kmeans != "exact":
+            return {}  # nothing to share: FAISS's k-means runs on rank 0
+        return run_pipeline(
+            cfg,
+            stop_after=stop_after if env.rank == 0 else "select",
+            after_embed=after_embed,
+            writer=env.rank == 0,
+        )
+    finally:
+        cleanup_distributed()
+
+
+def _cluster(cfg: DictConfig, x: np.ndarray, counts: list[int]) -> list:
+    """Hierarchical k-means of the candidates: FAISS's (one process), or balance.kmeans=exact,
+    spread over the ranks of the job when it has several (the same clusters for any count)."""
+    options = dict(
+        resample_steps=int(cfg.balance.resample_steps),
+        sample_sizes=list(cfg.balance.sample_sizes) if cfg.balance.sample_sizes else None,
+        niter=int(cfg.balance.niter),
+        seed=int(cfg.seed),
+    )
+    if cfg.balance.kmeans == "faiss":
+        return hierarchical_kmeans(x, counts, **options)
+    mine = part_rows(len(x), (global_rank(), world_size()))
+    labels, levels = hierarchical_kmeans_dist(x[mine.start : mine.stop], counts, **options)
+    levels[0].parent = gather_rows(labels)
+    return levels
+
+
 def _select(
     cfg: DictConfig, pool: Embedded, seeds: list[Embedded], active: np.ndarray, index_cfg: dict
 ) -> tuple[dict, dict, dict]:
@@ -485,14 +543,7 @@ def _select(
             if cfg.balance.n_clusters
             else auto_clusters(len(candidates), int(cfg.balance.levels))
         )
-        levels = hierarchical_kmeans(
-            cand_emb,
-            counts,
-            resample_steps=int(cfg.balance.resample_steps),
-            sample_sizes=list(cfg.balance.sample_sizes) if cfg.balance.sample_sizes else None,
-            niter=int(cfg.balance.niter),
-            seed=int(cfg.seed),
-        )
+        levels = _cluster(cfg, cand_emb, counts)
         leaf = levels[0].parent
         info["clusters_per_level"] = [len(lv.centroids) for lv in levels]
         if target is not None and int(target) < len(candidates):
@@ -592,8 +643,10 @@ def run(args: argparse.Namespace) -> int:
     if args.group is not None:
         run_pipeline(cfg, only_group=args.group)
         return 0
+    if cfg.balance.kmeans not in KMEANS:
+        raise ConfigError(f"balance.kmeans must be one of {KMEANS}, got {cfg.balance.kmeans!r}")
     stop_after = "embed" if args.step == "embed" else args.stop_after
-    summary = run_pipeline(cfg, stop_after=stop_after, after_embed=args.step == "global")
+    summary = run_ranked(cfg, stop_after=stop_after, after_embed=args.step == "global")
     if summary:
         print(
             json.dumps(

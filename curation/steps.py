@@ -122,11 +122,12 @@ class Steps:
     `run` is the one way a step is cached: it computes the step's key, returns the stored result
     when the key matches, else calls `compute` and stores what it returns."""
 
-    def __init__(self, out: Path, stop_after: str | None = None):
+    def __init__(self, out: Path, stop_after: str | None = None, writer: bool = True):
         self.dir = out / "steps"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hashes = ContentHashes(self.dir / "hashes.json")
         self.stop_after = stop_after
+        self.writer = writer  # False: the other ranks of a distributed step read, rank 0 writes
         self.keys: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
 
@@ -214,9 +215,13 @@ class Steps:
             with Timer() as t:
                 summary, data, arrays = compute()
             summary = {**summary, "seconds": summary.get("seconds", t.seconds)}
-            self._save(name, key, inputs, summary, data, arrays)
-            got = self._load(name, key, inputs)
-            assert got is not None
+            if self.writer:
+                self._save(name, key, inputs, summary, data, arrays)
+                got = self._load(name, key, inputs)
+                assert got is not None
+            else:  # what a load would return, without writing
+                doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
+                got = json.loads(json.dumps(doc, default=_json_default)), dict(arrays or {})
         self.keys[name] = key
         if self.stop_after == name:
             raise StopAfter(name)

@@ -11,6 +11,7 @@ The stage arguments are those of `python -m curation run`; the launcher adds to 
   with M:        python -m curation run ARGS ... global_tasks=M --step near --task I     (I < M)
                  python -m curation run ARGS ... global_tasks=M --step decontam --task I
   global job:    python -m curation run ARGS embed.groups=N [global_tasks=M] --step global
+                 (M ranks with balance.kmeans=exact: the hierarchical k-means spread over them)
 (and, with bootstrap.enabled, a first `--step bootstrap` job that trains the embedding model once).
 Group G is a pure function of (the sorted pool shards, G, N), so a requeued task redoes exactly its
 own group, and the global job merges the N groups, refusing (naming them) when any is missing.
@@ -86,7 +87,7 @@ def plan_curate(
         base.append(f"global_tasks={m}")
     in_process = opts.cluster == "debug"
 
-    def job(name: str, flags: list[str]) -> StageJob:
+    def job(name: str, flags: list[str], distributed: bool = False) -> StageJob:
         return StageJob(
             name,
             "curation",
@@ -94,6 +95,7 @@ def plan_curate(
             out,
             in_process=in_process,
             max_requeues=opts.max_requeues,
+            distributed=distributed,
         )
 
     plan: list[PlannedJob] = []
@@ -112,6 +114,8 @@ def plan_curate(
         ]
         plan.append(PlannedJob(f"{prefix}-{step}", tasks, after=after, array=True))
         after = [f"{prefix}-{step}"]
-    final = job(f"{prefix}-global", ["--step", "global"])
-    plan.append(PlannedJob(f"{prefix}-global", [final], after=after))
+    # balance.kmeans=exact clusters over the M ranks of the global job (curation/dkmeans.py)
+    ranks = m if m and cfg.balance.kmeans == "exact" and not in_process else 1
+    final = job(f"{prefix}-global", ["--step", "global"], distributed=ranks > 1)
+    plan.append(PlannedJob(f"{prefix}-global", [final], after=after, tasks_per_node=ranks))
     return plan, out

@@ -12,6 +12,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -111,15 +112,20 @@ def select_device(env: DistEnv, want: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(env: DistEnv, device: torch.device, backend: str = "auto") -> None:
-    """init_process_group over env:// (gloo on CPU, nccl on GPU); a no-op for one process."""
+def init_distributed(
+    env: DistEnv, device: torch.device, backend: str = "auto", timeout: timedelta | None = None
+) -> None:
+    """init_process_group over env:// (gloo on CPU, nccl on GPU); a no-op for one process.
+    `timeout`: how long a collective waits for the slowest rank (torch's default otherwise)."""
     if not env.distributed or dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    kwargs = {"device_id": device} if backend == "nccl" else {}
+    kwargs: dict = {"device_id": device} if backend == "nccl" else {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     dist.init_process_group(
         backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size, **kwargs
     )
@@ -153,6 +159,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
 
 
 def world_size() -> int:

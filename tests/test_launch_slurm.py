@@ -308,7 +308,12 @@ def test_eval_array_then_dependent_table_job(runs):
         assert row["accuracy"] == doc["protocols"][row["protocol"]]["settings"][best]["accuracy"]
 
 
-ARRAY_CURATION = ("sample.target_size=12", "balance.n_clusters=[6,2]", "progress=false")
+ARRAY_CURATION = (
+    "sample.target_size=12",
+    "balance.n_clusters=[6,2]",
+    "balance.kmeans=exact",  # the global job: 3 ranks, each clustering a slice of the candidates
+    "progress=false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -362,12 +367,14 @@ def curation_jobs(slurm_cluster, medssl_data, tmp_path_factory):
 
 def test_search_arrays_give_the_single_process_keep_set_and_clusters(curation_jobs):
     """global_tasks=3 on SLURM: 3 near tasks and 3 decontam tasks, each a slice of the queries,
-    merged by the global job into exactly what one process keeps, removes and clusters."""
+    merged by a global job of 3 ranks, each clustering a slice of the candidates, into exactly what
+    one process keeps, removes and clusters."""
     from curation.run import DEFAULT_CONFIG, run_pipeline
     from pretrain.config import load_config
 
     assert len(_ok(curation_jobs, "tasks-near")) == len(_ok(curation_jobs, "tasks-decontam")) == 3
-    _ok(curation_jobs, "tasks-global")
+    (ranks,) = _ok(curation_jobs, "tasks-global")  # one job of 3 tasks
+    assert sorted(r["rank"] for r in ranks) == [0, 1, 2]
     out, one = curation_jobs["tasks_out"], curation_jobs["root"] / "curation-one"
     run_pipeline(
         load_config(DEFAULT_CONFIG, None, [*curation_jobs["tasks_args"], f"output_dir={one}"])
