@@ -11,6 +11,11 @@ python bench/curation.py copies [--sizes 10000 100000] [--copy-flat-max 12000]
     (flat) and through `ivfhnsw` lists, on the shared data's real 2D images (8,236) and, past that,
     on lookalikes made from them (flips, shifts, gamma, noise: many near neighbours, no copies),
     with 1 % planted crop copies (85-95 % of the side, resized back): seconds and copies found.
+python bench/curation.py scale [--sizes 10000 100000] [key=value ...]
+    a pool of N real images from the shared data (mixtures of two past the 8,212 sources), with 1 %
+    planted near copies and 0.5 % exact copies shuffled over the shards; ingest, then `curation run`
+    (eval set: PneumoniaMNIST test; sample.target_size=N/2), each size in child processes: seconds
+    per step, peak RSS, recall of the planted copies, unique images removed, growth exponents.
 python bench/curation.py quality [--out NEW_DIR] [--copies 600] [key=value ...]
     all 2D MedMNIST images of the shared data as a pool with planted copies (6 kinds) and eval
     copies, through `curation run`; prints a threshold sweep over the verified pair scores, then
@@ -431,6 +436,203 @@ def copies(args: argparse.Namespace) -> None:
         print(f"{n:<12,} {name:9s} {sec:10.1f}   {found}/{total}")
 
 
+def _mixed_pool(data: Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list, list]:
+    """n gray 28 px images from the shared data (PneumoniaMNIST test split left out: it is the eval
+    set): the real images first, then mixtures of two of them (flipped, shifted, noisy) so that N can
+    exceed the sources without copies among them; 1 % planted near copies (crop + resize, JPEG,
+    brightness) and 0.5 % exact copies, all shuffled over the shards. Returns (images, planted
+    near pairs, planted exact pairs) as (original index, copy index)."""
+    import io
+
+    from PIL import Image
+
+    real = []
+    for name, splits in (
+        ("pneumoniamnist", ("train", "val")),
+        ("breastmnist", ("train", "val", "test")),
+        ("retinamnist", ("train", "val", "test")),
+    ):
+        with np.load(data / f"{name}.npz") as z:
+            for split in splits:
+                arr = z[f"{split}_images"]
+                real.append(
+                    arr if arr.ndim == 3 else (arr @ [0.299, 0.587, 0.114]).astype(np.uint8)
+                )
+    real = np.concatenate(real)
+    n_near, n_exact = n // 100, n // 200
+    base_n = n - n_near - n_exact
+    if base_n <= len(real):
+        base = real[rng.choice(len(real), base_n, replace=False)]
+    else:
+        extra = base_n - len(real)
+        a, b = real[rng.integers(0, len(real), extra)], real[rng.integers(0, len(real), extra)]
+        w = rng.uniform(0.5, 0.7, size=(extra, 1, 1))
+        mix = w * a + (1 - w) * b[:, :, ::-1]
+        for i, (dy, dx) in enumerate(rng.integers(-3, 4, size=(extra, 2))):
+            mix[i] = np.roll(mix[i], (int(dy), int(dx)), axis=(0, 1))
+        mix += rng.normal(0, 4, size=mix.shape)
+        base = np.concatenate([real, np.clip(mix, 0, 255).astype(np.uint8)])
+
+    def near_copy(px: np.ndarray, kind: int) -> np.ndarray:
+        pil = Image.fromarray(px)
+        if kind == 0:  # crop 85-95 % of the side, resized back
+            side = int(rng.integers(24, 27))
+            oy, ox = (int(v) for v in rng.integers(0, 28 - side + 1, 2))
+            return np.asarray(
+                pil.crop((ox, oy, ox + side, oy + side)).resize((28, 28), Image.BICUBIC)
+            )
+        if kind == 1:  # JPEG
+            buf = io.BytesIO()
+            pil.save(buf, format="JPEG", quality=int(rng.integers(50, 90)))
+            return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+        return np.clip(px.astype(np.float32) * rng.uniform(0.8, 1.2) + 5, 0, 255).astype(np.uint8)
+
+    near_src = rng.choice(base_n, n_near, replace=False)
+    exact_src = rng.choice(base_n, n_exact, replace=False)
+    copies = [near_copy(base[i], j % 3) for j, i in enumerate(near_src)]
+    images = np.concatenate([base, np.stack(copies), base[exact_src]])
+    order = rng.permutation(len(images))  # position -> old index
+    where = np.empty(len(images), np.int64)
+    where[order] = np.arange(len(images))  # old index -> position
+    near = [(where[s], where[base_n + j]) for j, s in enumerate(near_src)]
+    exact = [(where[s], where[base_n + n_near + j]) for j, s in enumerate(exact_src)]
+    return images[order], near, exact
+
+
+def _run_child(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB of the child and the children it waited for)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-3000:]
+            raise SystemExit(f"{' '.join(map(str, cmd[2:4]))} failed ({proc.returncode}):\n{tail}")
+    return seconds, usage.ru_maxrss / 1e6  # KB -> GB
+
+
+def scale(args: argparse.Namespace) -> None:
+    """Ingest + `curation run` at each size, in child processes of this one, side by side."""
+    import json
+    import math
+    import os
+    import tempfile
+
+    data = Path(args.data)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDSSL_PATIENT_SALT": "bench-public-data"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+        for n in args.sizes:
+            rng = np.random.default_rng(n)
+            images, near, exact = _mixed_pool(data, n, rng)
+            root = Path(tmp) / f"n{n}"
+            root.mkdir()
+            np.savez(
+                root / "pool.npz", train_images=images, train_labels=np.zeros((n, 1), np.uint8)
+            )
+            del images
+            py = [sys.executable, "-m", "curation"]
+            t_ingest, _ = _run_child(
+                [
+                    *py,
+                    "ingest",
+                    f"{root / 'pool.npz'}:train",
+                    "--out",
+                    str(root / "shards"),
+                    "progress=false",
+                    "sources=keep",
+                    f"workers={args.workers}",
+                ],
+                env,
+            )
+            t_run, peak = _run_child(
+                [
+                    *py,
+                    "run",
+                    f"pool={root / 'shards'}",
+                    f"output_dir={root / 'cur'}",
+                    f"eval_sets=[{data / 'pneumoniamnist.npz'}:test]",
+                    "progress=false",
+                    f"sample.target_size={n // 2}",
+                    *args.overrides,
+                ],
+                env,
+            )
+            summary = json.loads((root / "cur" / "summary.json").read_text())
+            records = [
+                json.loads(line)
+                for line in (root / "cur" / "embed" / "pool" / "records.jsonl")
+                .read_text()
+                .splitlines()
+            ]
+            row_of = {int(r["source"].rsplit(":", 1)[1]): i for i, r in enumerate(records)}
+            with np.load(root / "cur" / "steps" / "near.npz") as z:
+                keep = z["keep"]
+            found = sum(keep[row_of[a]] != keep[row_of[b]] for a, b in near + exact)
+            involved = {i for pair in near + exact for i in pair}
+            unique = np.array([row_of[i] for i in range(n) if i not in involved])
+            gone = unique[~keep[unique]]
+            # a removed image whose keeper is the same picture twice (unaligned NCC >= 0.995) is a
+            # twin the shared data already holds (see quality), not a unique image lost
+            keeper = {}
+            for step in ("exact", "near"):
+                doc = json.loads((root / "cur" / "steps" / f"{step}.json").read_text())
+                for group in doc["data"]["groups"]:
+                    keeper.update({row: group[0] for row in group[1:]})
+            pixels = np.load(root / "pool.npz")["train_images"].reshape(n, -1).astype(np.float64)
+            source_of = {row: i for i, row in row_of.items()}
+            twins = sum(
+                row in keeper
+                and np.corrcoef(pixels[source_of[row]], pixels[source_of[keeper[row]]])[0, 1]
+                >= NEAR_IDENTICAL
+                for row in gone.tolist()
+            )
+            removed = (len(gone) - twins) / len(unique)
+            steps = {k: v.get("seconds", 0) for k, v in summary["steps"].items()}
+            rows.append(
+                dict(
+                    n=n,
+                    ingest=t_ingest,
+                    run=t_run,
+                    peak=peak,
+                    steps=steps,
+                    recall=found / len(near + exact),
+                    removed=removed,
+                    twins_removed=twins / len(unique),
+                )
+            )
+            print(json.dumps({"bench": "scale", **rows[-1]}), flush=True)
+    names = list(rows[0]["steps"])
+    print(f"\n{'step':<12}" + "".join(f"{r['n']:>12,}" for r in rows) + "   growth exponent")
+
+    def line(label, values, fmt="{:12.1f}"):
+        growth = ""
+        if len(values) > 1 and values[0] > 0 and values[-1] > 0:
+            k = math.log(values[-1] / values[0]) / math.log(rows[-1]["n"] / rows[0]["n"])
+            growth = f"   {k:.2f}"
+        print(f"{label:<12}" + "".join(fmt.format(v) for v in values) + growth)
+
+    line("ingest s", [r["ingest"] for r in rows])
+    for name in names:
+        line(f"{name} s", [r["steps"].get(name, 0) for r in rows])
+    line("run s", [r["run"] for r in rows])
+    line("peak RSS GB", [r["peak"] for r in rows], "{:12.2f}")
+    line("recall", [r["recall"] for r in rows], "{:12.3f}")
+    line("unique rm", [r["removed"] for r in rows], "{:12.4f}")
+    line("twins rm", [r["twins_removed"] for r in rows], "{:12.4f}")
+    if len(rows) > 1:
+        print(
+            f"\nrun time ratio {rows[-1]['run'] / rows[0]['run']:.1f}x for {rows[-1]['n'] / rows[0]['n']:.0f}x images"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -450,10 +652,14 @@ def main() -> None:
     q.add_argument("--leaks", type=int, default=35)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("overrides", nargs="*", help="key=value for curation run")
-    for s in (p, c, q):
+    e = sub.add_parser("scale")
+    e.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    e.add_argument("--workers", type=int, default=2, help="ingest worker processes")
+    e.add_argument("overrides", nargs="*", help="key=value for curation run")
+    for s in (p, c, q, e):
         s.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = parser.parse_args()
-    {"speed": speed, "copies": copies, "quality": quality}[args.mode](args)
+    {"speed": speed, "copies": copies, "quality": quality, "scale": scale}[args.mode](args)
 
 
 if __name__ == "__main__":
