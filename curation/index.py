@@ -229,8 +229,10 @@ def kmeans(
     init_centroids: np.ndarray | None = None,
     nredo: int = 1,
     use_gpu: bool | str = "auto",
+    spherical: bool = False,
 ) -> np.ndarray:
-    """Euclidean k-means centroids (k, d) float32; FAISS trains on at most 256 points per centroid."""
+    """Euclidean k-means centroids (k, d) float32; FAISS trains on at most 256 points per centroid.
+    `spherical`: unit-norm centroids (cosine k-means)."""
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k}, n={n}")
@@ -246,6 +248,7 @@ def kmeans(
         max_points_per_centroid=max_points_per_centroid,
         min_points_per_centroid=1,
         nredo=1 if init_centroids is not None else nredo,
+        spherical=spherical,
         verbose=False,
     )
     km.train(
@@ -256,22 +259,18 @@ def kmeans(
 
 GRAPH_FLAT_MAX = 20_000  # knn_graph: exact (flat) search up to this many vectors, then cells
 GRAPH_LIST_SIZE = 512  # knn_graph cells: database rows per cell ...
-GRAPH_NPROBE = 4  # ... and cells searched per query
-ASSIGN_LIST_SIZE = 64  # approximate assignment: centroids per cell ...
+GRAPH_NPROBE = 2  # ... and cells searched per query
+ASSIGN_LIST_SIZE = 16  # approximate assignment: centroids per cell ...
 ASSIGN_NPROBE = 8  # ... and cells searched per row
-APPROX_CELLS_MIN = 1024  # rows find their cells exactly below this many cells, through cells above
 CELL_TRAIN_POINTS = 32  # the cells' k-means trains on at most this many points per cell
-BLOCK = 1 << 23  # scores per matrix product (32 MB of float32)
+BLOCK = 1 << 23  # floats gathered or scored per step (32 MB)
 
 
 def assign(
     x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536, *, approximate: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (L2) of every row: (cluster id int64, squared distance float32).
-
-    `approximate` searches only the centroids of the ASSIGN_NPROBE nearest cells of about
-    ASSIGN_LIST_SIZE centroids (`Cells`): for tens of thousands of centroids, where the exact
-    assignment of a million rows costs minutes."""
+    `approximate`: see `nearest`."""
     dists, ids = nearest(x, centroids, 1, approximate=approximate, batch_size=batch_size)
     return ids[:, 0], dists[:, 0]
 
@@ -284,12 +283,30 @@ def nearest(
     approximate: bool = False,
     batch_size: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest centroids (L2) of every row: (squared distances float32, ids int64), nearest first."""
+    """k nearest centroids (L2) of every row: (squared distances float32, ids int64), nearest first.
+
+    `approximate`, for tens of thousands of centroids (the exact assignment of a million rows to
+    50k centroids takes minutes): the rows are cut into cells by a k-means of their own (one cell
+    per ASSIGN_LIST_SIZE centroids), every centroid joins the cell nearest to it, and a row
+    searches the centroids of its ASSIGN_NPROBE nearest cells. Cells come from the rows, not from
+    the centroids: a mean of many unrelated centroids would say little about where a row belongs."""
     k = min(k, len(centroids))
     if approximate and len(centroids) > ASSIGN_LIST_SIZE * ASSIGN_NPROBE:
-        cells = build_cells(centroids, ASSIGN_LIST_SIZE)
+        coarse = kmeans(
+            x,
+            len(centroids) // ASSIGN_LIST_SIZE,
+            niter=10,
+            max_points_per_centroid=CELL_TRAIN_POINTS,
+            spherical=True,
+        )
         return cell_search(
-            x, centroids, k, cells=cells, nprobe=ASSIGN_NPROBE, l2=True, progress=False
+            x,
+            centroids,
+            k,
+            cells=make_cells(centroids, coarse),
+            nprobe=ASSIGN_NPROBE,
+            l2=True,
+            progress=False,
         )
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(as_f32(centroids))
@@ -302,9 +319,9 @@ def nearest(
 
 @dataclass
 class Cells:
-    """Database rows grouped by their nearest k-means centroid: an inverted file that is scanned
-    by matrix products, one per cell and block of the queries that search it, rather than one
-    query at a time."""
+    """Database rows grouped by their nearest cell centroid: an inverted file that is scanned by
+    matrix products, one per cell and block of the queries that search it, rather than one query
+    at a time."""
 
     centroids: np.ndarray  # (cells, d) float32
     probes: np.ndarray  # (n, nprobe) nearest cells of every database row, its own cell first
@@ -318,23 +335,30 @@ def _group(labels: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.searchsorted(labels[order], np.arange(n_groups + 1))
 
 
-def _probe(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:
-    """The nprobe nearest cells of every row; through cells of the cell centroids past
-    APPROX_CELLS_MIN cells, so that finding them costs about the same at any N."""
-    return nearest(x, centroids, nprobe, approximate=len(centroids) >= APPROX_CELLS_MIN)[1]
-
-
-def build_cells(database: np.ndarray, list_size: int, nprobe: int = 1, *, seed: int = 0) -> Cells:
-    """About len(database) / list_size cells from a k-means of a subsample (CELL_TRAIN_POINTS per
-    cell: cells need to be compact, not optimal); `nprobe` nearest cells kept per row, for
-    searching the database against itself."""
-    n_cells = max(1, len(database) // list_size)
-    centroids = kmeans(
-        database, n_cells, niter=10, seed=seed, max_points_per_centroid=CELL_TRAIN_POINTS
-    )
-    probes = _probe(database, centroids, nprobe)
-    order, bounds = _group(probes[:, 0], n_cells)
+def make_cells(database: np.ndarray, centroids: np.ndarray, nprobe: int = 1) -> Cells:
+    """Cells of `database` around `centroids`, keeping the `nprobe` nearest cells of every row
+    (for searching the database against itself)."""
+    probes = nearest(database, centroids, nprobe)[1]
+    order, bounds = _group(probes[:, 0], len(centroids))
     return Cells(centroids, probes, order, bounds)
+
+
+def build_cells(
+    database: np.ndarray, list_size: int, nprobe: int = 1, *, spherical: bool = False, seed: int = 0
+) -> Cells:
+    """About len(database) / list_size cells from a k-means of a subsample (CELL_TRAIN_POINTS per
+    cell: cells need to be compact, not optimal). `spherical` for unit vectors: Euclidean
+    centroids of unrelated clusters shrink towards the origin and become hubs (one cell of 18k
+    rows where 512 were asked, measured on the bench's vectors); unit centroids stay balanced."""
+    centroids = kmeans(
+        database,
+        max(1, len(database) // list_size),
+        niter=10,
+        seed=seed,
+        max_points_per_centroid=CELL_TRAIN_POINTS,
+        spherical=spherical,
+    )
+    return make_cells(database, centroids, nprobe)
 
 
 def _topk(score: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -362,8 +386,9 @@ def cell_search(
     where fewer exist). `query_probes`: the queries' cells when known (`cells.probes` when the
     database searches itself). Scores are exact; only rows in farther cells are missed."""
     (n, dim), n_cells = queries.shape, len(cells.centroids)
-    probes = _probe(queries, cells.centroids, nprobe) if query_probes is None else query_probes
-    probes = probes[:, :nprobe]
+    if query_probes is None:
+        query_probes = nearest(queries, cells.centroids, nprobe)[1]
+    probes = query_probes[:, :nprobe]
     order, bounds = _group(probes.ravel(), n_cells)
     metric, sign = (faiss.METRIC_L2, -1) if l2 else (faiss.METRIC_INNER_PRODUCT, 1)
     best = np.full((n, k), -np.inf, np.float32)  # l2: minus the distance, larger is nearer
@@ -403,7 +428,7 @@ def knn_graph(
     if len(x) <= flat_max:
         index = build_index(x, kind="flat", progress=progress)
         return search(index, x, k, progress=progress, desc="k-NN graph")
-    cells = build_cells(x, list_size, nprobe, seed=seed)
+    cells = build_cells(x, list_size, nprobe, spherical=True, seed=seed)
     return cell_search(
         x,
         x,

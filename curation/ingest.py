@@ -309,7 +309,10 @@ def _done_path(parts: Path, index: int) -> Path:
 
 
 def _block_files(out: Path, index: int) -> list[Path]:
-    return sorted(out.glob(f"{shards.SHARD_PREFIX}{index:06d}*{shards.SHARD_SUFFIX}*"))
+    """Shards and temp shards of block `index` (`shard-B.tar`, `shard-B_0001.tar.tmp`, ...)."""
+    first = shards.shard_name(index)
+    pieces = first.removesuffix(shards.SHARD_SUFFIX) + "_*"
+    return sorted({*out.glob(first + "*"), *out.glob(pieces)})
 
 
 def read_done(parts: Path, index: int) -> dict | None:
@@ -362,7 +365,7 @@ def write_block(task: tuple[Block, dict, Naming, str, int]) -> tuple[int, int, l
 
     try:
         for unit in block.units:
-            samples, reason = process_unit((unit, opts, naming))
+            samples, reason = process_unit(unit, opts, naming)
             if reason is not None:
                 rejected.append({"source": naming.shown(unit.base), "reason": reason})
             for sample in samples:
@@ -403,9 +406,8 @@ def _test_hook(renamed: bool, samples: int = 0) -> None:
         os._exit(75)
 
 
-def process_unit(task: tuple[Unit, dict, Naming]) -> tuple[list[dict], str | None]:
+def process_unit(unit: Unit, opts: dict, naming: Naming) -> tuple[list[dict], str | None]:
     """Encoded samples of one unit, or ([], rejection reason). Never raises for bad input."""
-    unit, opts, naming = task
     if unit.kind == "reject":
         return [], unit.reason  # written by the planner, already without names
     try:
