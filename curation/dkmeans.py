@@ -74,11 +74,10 @@ def assign_exact(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     the batch shape), which are then scored in float64 row by row; ties go to the smaller id."""
     labels = np.empty(len(x), np.int64)
     dists = np.empty(len(x), np.float64)
-    m = min(CANDIDATES, len(centroids))
+    _, candidates = nearest(x, centroids, min(CANDIDATES, len(centroids)))
     for s, e in batches(len(x), 4096):
-        xb = np.asarray(x[s:e], np.float64)
-        _, ids = nearest(xb.astype(np.float32), centroids, m)
-        d = ((xb[:, None, :] - centroids[ids].astype(np.float64)) ** 2).sum(-1)
+        ids = candidates[s:e]
+        d = ((np.asarray(x[s:e], np.float64)[:, None, :] - centroids[ids]) ** 2).sum(-1)
         best = np.lexsort((ids, d), axis=1)[:, 0]
         labels[s:e] = ids[np.arange(e - s), best]
         dists[s:e] = d[np.arange(e - s), best]
