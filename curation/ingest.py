@@ -488,10 +488,11 @@ def _check_layout(parts: Path) -> None:
 
 def _lock(out: Path, task: tuple[int, int] | None) -> list:
     """A whole run excludes every other run on OUT; array tasks exclude only their own twin."""
+    wanted = [(out / ".lock", fcntl.LOCK_SH if task else fcntl.LOCK_EX)]
+    if task:
+        wanted.append((out / PARTS / f".lock-task-{task[0]}-of-{task[1]}", fcntl.LOCK_EX))
     held = []
-    for path, mode in [(out / ".lock", fcntl.LOCK_SH if task else fcntl.LOCK_EX)] + (
-        [(out / PARTS / f".lock-task-{task[0]}-of-{task[1]}", fcntl.LOCK_EX)] if task else []
-    ):
+    for path, mode in wanted:
         handle = open(path, "w")  # noqa: SIM115 - held for the whole run
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
