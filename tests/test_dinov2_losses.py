@@ -15,6 +15,7 @@ from pretrain.components.heads import DINOHead
 from pretrain.components.losses import (
     DINOLoss,
     dino_cross_entropy,
+    gram_loss,
     ibot_masked_cross_entropy,
     iBOTPatchLoss,
     koleo_loss,
@@ -217,6 +218,26 @@ def test_ibot_center_is_mean_over_masked_patches():
 # ------------------------------------------------------------------------------ head, masking
 
 
+def test_gram_loss_by_hand():
+    """Per image, the squared differences of all patch-pair cosines, averaged over B x P x P."""
+    student = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])  # cosines 0, 1/sqrt2, 1/sqrt2
+    teacher = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0]]])  # cosines -1, 1, -1
+    r = 1 / math.sqrt(2)
+    s_gram = [[1, 0, r], [0, 1, r], [r, r, 1]]
+    t_gram = [[1, -1, 1], [-1, 1, -1], [1, -1, 1]]
+    expected = sum((s_gram[i][j] - t_gram[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
+    assert gram_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # remove_neg: the teacher's -1 entries become 0 (the student has none)
+    t_pos = [[max(v, 0.0) for v in row] for row in t_gram]
+    expected = sum((s_gram[i][j] - t_pos[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
+    assert gram_loss(student, teacher, remove_neg=True).item() == pytest.approx(expected, rel=1e-6)
+    # images are compared one by one: a second image does not mix with the first
+    two = gram_loss(torch.cat([student, student]), torch.cat([teacher, student]))
+    assert two.item() == pytest.approx(gram_loss(student, teacher).item() / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        gram_loss(student, teacher[:, :2])
+
+
 def test_dino_head_prototypes_are_weight_normalised():
     torch.manual_seed(0)
     head = DINOHead(in_dim=8, out_dim=16, hidden_dim=12, bottleneck_dim=4, n_layers=3)
@@ -410,9 +431,53 @@ def test_dinov2_sinkhorn_variant_and_monitor():
     assert torch.allclose(out["probs"].sum(dim=1), torch.ones(6), atol=1e-5)
 
 
-def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_npz, tmp_path):
+def test_dinov2_gram_teacher_is_retaken_from_the_ema_teacher_on_schedule():
+    gram = {"gram.loss_weight": 2.0, "gram.first_step": 2, "gram.update_every": 3}
+    method = _tiny_method(**gram)
+    teacher = method.teacher.backbone
+
+    def gram_equals_teacher() -> bool:
+        ours = dict(method.gram_backbone.named_parameters())
+        return all(torch.equal(ours[n], p) for n, p in teacher.named_parameters())
+
+    assert gram_equals_teacher()  # the initial teacher until first_step
+    initial = {n: p.clone() for n, p in method.gram_backbone.named_parameters()}
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)  # every EMA step now moves the teacher away from the snapshot
+    retaken = []
+    for step in range(8):
+        method.on_after_step(_step(method, step))
+        if gram_equals_teacher():
+            retaken.append(step + 1)
+        if step == 0:
+            snapshot = dict(method.gram_backbone.named_parameters())
+            assert all(torch.equal(snapshot[n], v) for n, v in initial.items())
+    assert retaken == [2, 5, 8]  # before steps first_step, first_step + 3, first_step + 6
+    assert not any(p.requires_grad for p in method.gram_backbone.parameters())
+
+    batch = _loader_batch(method)
+    _, terms = method(batch, _step(method, 1))
+    assert "gram" not in terms  # off before first_step
+    loss, terms = method(batch, _step(method, 2))
+    assert terms["gram"] > 0 and torch.isfinite(loss)
+    expected = terms["dino"] + 0.1 * 2 * terms["koleo"] + terms["ibot"] + 2.0 * terms["gram"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in method.gram_backbone.parameters())
+
+
+def _step(method, step: int):
+    from pretrain.methods.base import StepState
+
+    return StepState(step, 10, 0, 1, 0, torch.device("cpu"), 1e-3, 0.04, {"momentum": 0.5})
+
+
+@pytest.mark.parametrize("gram", [False, True], ids=["plain", "gram"])
+def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(gram, ramp_npz, tmp_path):
     """The iBOT masks are drawn in the loader's collate now: a run killed at step 3 and resumed
-    must still draw the same masks and crops as the uninterrupted one."""
+    must still draw the same masks and crops as the uninterrupted one. With Gram anchoring
+    (retaken before steps 1 and 3), the resumed run also has the snapshot of the straight one."""
     from pretrain.checkpoint import load_newest
     from pretrain.methods.dinov2 import DINOv2
     from pretrain.train import run
@@ -427,6 +492,12 @@ def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_n
             "dinov2.crops.local_crops_size": 8,
             "dinov2.crops.local_crops_number": 2,
         }
+        if gram:
+            overrides |= {
+                "dinov2.gram.loss_weight": 1.0,
+                "dinov2.gram.first_step": 1,
+                "dinov2.gram.update_every": 2,
+            }
         return tiny_run_config("dinov2", ramp_npz, out, **overrides)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -436,5 +507,6 @@ def test_dinov2_resumes_exactly_after_sigkill_with_masks_from_the_collate(ramp_n
     run(config(resumed))
     a, b = load_newest(straight / "checkpoints")[1], load_newest(resumed / "checkpoints")[1]
     assert a["step"] == b["step"] == 4
+    assert any(key.startswith("gram_backbone.") for key in a["model"]) == gram
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

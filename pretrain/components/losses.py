@@ -1,6 +1,6 @@
 """Self-supervised losses as plain functions on tensors (and, where a running center is state, small
 modules): DINO cross-entropy with a softmax-centred or Sinkhorn-Knopp teacher, iBOT masked-patch
-cross-entropy, KoLeo, NT-Xent (SimCLR) and MAE's normalised-pixel loss.
+cross-entropy, KoLeo, Gram anchoring (DINOv3), NT-Xent (SimCLR) and MAE's normalised-pixel loss.
 
 They follow the reference code numerically (facebookresearch/dinov2, google-research/simclr,
 facebookresearch/mae: same normalisations, center momentum, Sinkhorn-Knopp marginals), so a recipe
@@ -271,6 +271,41 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
 class KoLeoLoss(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return koleo_loss(features)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gram anchoring (DINOv3)
+# --------------------------------------------------------------------------------------------------
+
+
+def gram_loss(student_patches: Tensor, teacher_patches: Tensor, remove_neg: bool = False) -> Tensor:
+    """Gram anchoring (DINOv3, Simeoni et al. 2025): mean squared difference between the student's
+    and an earlier teacher's patch-to-patch cosine similarities, image by image.
+
+    It constrains how patches of an image relate to each other, not the features themselves, so
+    the image-level objective stays free while the patch similarity structure cannot drift.
+    student_patches, teacher_patches: (B, P, D) patch tokens of the same crops (the widths may
+    differ). remove_neg sets negative similarities to 0 in both matrices (DINOv3's option).
+
+    Example:
+        >>> x = torch.randn(2, 5, 8)
+        >>> round(float(gram_loss(x, 3 * x)), 6)  # scale-free: the same directions give zero
+        0.0
+    """
+    if student_patches.shape[:2] != teacher_patches.shape[:2]:
+        raise ValueError(
+            f"gram_loss: student patches {tuple(student_patches.shape)} and teacher patches "
+            f"{tuple(teacher_patches.shape)} differ in images or patches"
+        )
+    with torch.autocast(device_type=student_patches.device.type, enabled=False):
+        s = F.normalize(student_patches.float(), dim=-1)
+        t = F.normalize(teacher_patches.float(), dim=-1)
+        s_gram = s @ s.transpose(-1, -2)
+        t_gram = t @ t.transpose(-1, -2)
+        if remove_neg:
+            s_gram = s_gram.clamp(min=0.0)
+            t_gram = t_gram.clamp(min=0.0)
+        return F.mse_loss(s_gram, t_gram)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ student sees the same global crops -- with block-masked patches on half of them 
 crops. Losses: DINO cross-entropy between teacher and student class-token prototypes (every view
 against every *other* global view), iBOT cross-entropy on the masked patch tokens, and KoLeo on the
 student's global class tokens. The teacher targets are sharpened (temperature warmup 0.04 -> 0.07)
-and balanced by softmax-centering or Sinkhorn-Knopp.
+and balanced by softmax-centering or Sinkhorn-Knopp. Optionally (`dinov2.gram`), DINOv3's Gram
+anchoring: a frozen snapshot of the EMA teacher's backbone, retaken every `update_every` steps,
+whose patch-similarity matrices on the global crops the student's must match.
 
 Speed: one backbone forward per crop size (the globals concatenated, the locals concatenated),
 one student head call for all local/global class tokens and masked patches together, one
@@ -14,6 +16,7 @@ teacher head call, and the EMA as a single fused `torch._foreach_lerp_` over all
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 from pretrain.backbones import VIT_SIZES, build_backbone
 from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher, set_teacher_mode
 from pretrain.components.heads import DINOHead
-from pretrain.components.losses import DINOLoss, iBOTPatchLoss, koleo_loss
+from pretrain.components.losses import DINOLoss, gram_loss, iBOTPatchLoss, koleo_loss
 from pretrain.components.masked_vit import vit_tokens
 from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
 from pretrain.config import ConfigError, plain
@@ -113,6 +116,7 @@ class DINOv2Network(nn.Module):
         n_global = global_cls.shape[0]
         return {
             "global_cls": global_cls,
+            "global_patches": global_patches,
             "global_logits": cls_logits[:n_global],
             "local_logits": cls_logits[n_global:] if len(cls_parts) > 1 else None,
             "masked_patch_logits": patch_logits,
@@ -159,6 +163,22 @@ class DINOv2(SSLMethod):
             raise ConfigError("dinov2.ibot.mask_sample_probability must be in [0, 1]")
         if int(c.crops.local_crops_number) < 0:
             raise ConfigError("dinov2.crops.local_crops_number must be >= 0")
+        g = c.gram
+        if float(g.loss_weight) < 0:
+            raise ConfigError("dinov2.gram.loss_weight must be >= 0 (0 turns Gram anchoring off)")
+        if float(g.loss_weight) > 0:
+            if not is_vit:
+                raise ConfigError(
+                    f"dinov2.gram.loss_weight > 0 compares patch tokens and needs a ViT; "
+                    f"model.arch={cfg.model.arch}"
+                )
+            if int(g.update_every) < 0:
+                raise ConfigError("dinov2.gram.update_every must be >= 0 (0: never refreshed)")
+            if not 0 <= int(g.first_step) < int(cfg.optim.max_steps):
+                raise ConfigError(
+                    f"dinov2.gram.first_step={g.first_step} must be in [0, optim.max_steps="
+                    f"{cfg.optim.max_steps}): Gram anchoring would never start"
+                )
         if not is_vit:
             return
         patch = int(cfg.model.patch_size)
@@ -222,6 +242,11 @@ class DINOv2(SSLMethod):
         teacher.mask_token = None  # the teacher never sees masked inputs
         self.teacher = teacher
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
+        # Gram anchoring: a frozen backbone snapshot of the EMA teacher (the initial one until
+        # first_step). Only built when on, so checkpoints without it keep loading.
+        self.gram_weight = float(c.gram.loss_weight)
+        self.gram_backbone = copy.deepcopy(teacher.backbone) if self.gram_weight > 0 else None
+        self._gram_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
         centering = str(c.centering)
         ibot_dim = int(c.ibot.head_n_prototypes if separate else c.dino.head_n_prototypes)
@@ -259,6 +284,8 @@ class DINOv2(SSLMethod):
     def train(self, mode: bool = True) -> DINOv2:
         super().train(mode)
         set_teacher_mode(self.teacher, mode)
+        if self.gram_backbone is not None:
+            set_teacher_mode(self.gram_backbone, mode)
         return self
 
     def build_transform(self) -> Callable:
@@ -338,6 +365,12 @@ class DINOv2(SSLMethod):
             ibot = self.ibot_loss(out["masked_patch_logits"], t_patch_probs, masks)
             loss = loss + float(self.c.ibot.loss_weight) * ibot
             terms["ibot"] = ibot.detach()
+        if self.gram_backbone is not None and state.step >= int(self.c.gram.first_step):
+            with torch.no_grad():
+                _, anchor = vit_tokens(self.gram_backbone, global_crops)
+            gram = gram_loss(out["global_patches"], anchor, bool(self.c.gram.remove_neg))
+            loss = loss + self.gram_weight * gram
+            terms["gram"] = gram.detach()
         return loss, terms
 
     # ------------------------------------------------------------------------------ optimisation
@@ -385,6 +418,22 @@ class DINOv2(SSLMethod):
     def on_after_step(self, state: StepState) -> None:
         momentum = float(state.values.get("momentum", self.c.teacher.momentum_teacher))
         ema_update_(*self._pairs(), momentum)
+        if self.gram_backbone is not None and self.gram_refresh_before(state.step + 1):
+            if self._gram_pairs is None:
+                self._gram_pairs = ema_pairs(self.gram_backbone, self.teacher.backbone)
+            torch._foreach_copy_(*self._gram_pairs)
+            logger.info("step %d: Gram teacher retaken from the EMA teacher", state.step + 1)
+
+    def gram_refresh_before(self, step: int) -> bool:
+        """Whether the Gram teacher is retaken from the EMA teacher before `step` runs: at
+        first_step (step 0 needs nothing: the snapshot starts equal to the initial teacher), then
+        every update_every steps. A pure function of the step, so a resumed run refreshes at the
+        same steps; the snapshot itself is in the checkpoint (a module of the method)."""
+        g = self.c.gram
+        first, every = int(g.first_step), int(g.update_every)
+        if step <= 0 or step < first:
+            return False
+        return step == first or (every > 0 and (step - first) % every == 0)
 
     # ------------------------------------------------------------------------------ outputs
 
