@@ -238,6 +238,26 @@ def test_gram_loss_by_hand():
         gram_loss(student, teacher[:, :2])
 
 
+def test_dino_head_center_bottleneck_removes_what_all_images_share():
+    """With center_bottleneck the head sees only how each row differs from the batch: a common
+    offset of every input (all X-rays alike) changes nothing, and by hand the logits are the
+    prototypes against the normalised, centred bottleneck."""
+    torch.manual_seed(0)
+    head = DINOHead(8, out_dim=6, bottleneck_dim=4, n_layers=1, center_bottleneck=True)
+    plain = DINOHead(8, out_dim=6, bottleneck_dim=4, n_layers=1)
+    plain.load_state_dict(head.state_dict())
+    x = torch.randn(5, 8)
+    common = 50 * torch.randn(1, 8)
+    assert torch.allclose(head(x + common), head(x), atol=1e-5)
+    assert not torch.allclose(plain(x + common), plain(x), atol=1e-2)
+    w, b = head.mlp.weight, head.mlp.bias
+    z = x @ w.t() + b
+    z = z - z.mean(dim=0, keepdim=True)
+    z = z / z.norm(dim=1, keepdim=True)
+    prototypes = head.last_layer.weight  # weight-normalised rows, gain 1 at init
+    assert torch.allclose(head(x), z @ prototypes.t(), atol=1e-6)
+
+
 def test_dino_head_prototypes_are_weight_normalised():
     torch.manual_seed(0)
     head = DINOHead(in_dim=8, out_dim=16, hidden_dim=12, bottleneck_dim=4, n_layers=3)

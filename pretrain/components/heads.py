@@ -60,10 +60,17 @@ class DINOHead(nn.Module):
     shared head) masked patch tokens: callers concatenate them and call it once.
 
     use_bn (DINO's `use_bn_in_head`, DINOv2's `use_bn`; off by default) puts BatchNorm after each
-    hidden linear layer. On near-identical images (chest X-rays) the class tokens share a large
-    common component that the MLP carries into the bottleneck: every image's bottleneck vector
-    points the same way (cosine ~0.99), the centred teacher logits differ by less than the
-    temperature and the targets go uniform. BN over the batch removes that component.
+    hidden linear layer.
+
+    center_bottleneck (off by default; not in DINO/DINOv2) subtracts the mean over the rows of the
+    call from the bottleneck before its L2 normalisation. On near-identical images (28 px chest
+    X-rays) the head learns to map every image to one bottleneck direction (cosine 0.99 between
+    images, even with use_bn: the last linear layer re-learns it), so the logits differ between
+    images by ~0.01, far below the teacher temperature, every target goes uniform and the DINO
+    loss teaches nothing. Without the common part, what remains is what differs between the
+    images of the batch (docs/benchmarks.md, issue 17). Like BatchNorm without running statistics,
+    the result depends on the batch: callers that concatenate class and patch tokens into one
+    call centre them together.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class DINOHead(nn.Module):
         n_layers: int = 3,
         mlp_bias: bool = True,
         use_bn: bool = False,
+        center_bottleneck: bool = False,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -82,6 +90,7 @@ class DINOHead(nn.Module):
         self.mlp = _build_mlp(
             n_layers, in_dim, bottleneck_dim, hidden_dim, bias=mlp_bias, use_bn=use_bn
         )
+        self.center_bottleneck = center_bottleneck
         self.apply(self._init_weights)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         with torch.no_grad():
@@ -100,6 +109,8 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
+        if self.center_bottleneck:
+            x = x - x.mean(dim=0, keepdim=True)
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)

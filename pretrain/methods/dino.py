@@ -86,6 +86,7 @@ class DINO(SSLMethod):
             int(c.head_bottleneck_dim),
             int(c.head_nlayers),
             use_bn=bool(c.head_use_bn),
+            center_bottleneck=bool(c.head_center_bottleneck),
         )
         if bool(
             c.norm_last_layer

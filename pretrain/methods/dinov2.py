@@ -229,6 +229,7 @@ class DINOv2(SSLMethod):
                 int(section.head_bottleneck_dim),
                 int(section.head_nlayers),
                 use_bn=bool(section.head_use_bn),
+                center_bottleneck=bool(section.head_center_bottleneck),
             )
 
         separate = self.do_ibot and bool(c.ibot.separate_head)
