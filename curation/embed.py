@@ -11,7 +11,8 @@ to a temporary directory and renamed when complete, so a killed job leaves nothi
 and a re-run embeds only the groups that are missing.
 
 Encoders: `descriptor` (training-free, `curation.descriptor.global_descriptor`), a medssl export or
-checkpoint (`pretrain.backbones.load_backbone`), or `timm:<name>` with a weights file.
+checkpoint, a timm model folder (`local-dir:PATH`) or `timm:<name>` with a weights file
+(`pretrain.init_from.open_backbone`).
 """
 
 from __future__ import annotations
@@ -75,17 +76,13 @@ class BackboneEncoder(Encoder):
     def __init__(
         self, backbone: str, weights: str | None, img_size: int | None, channels: Any, device: str
     ):
+        from pretrain.init_from import open_backbone
         from pretrain.transforms import default_mean_std, eval_transform
 
-        if backbone.startswith("timm:"):
-            self.model, meta = _timm_model(backbone[5:], weights)
-        else:
-            from pretrain.backbones import load_backbone
-
-            try:
-                self.model, meta = load_backbone(backbone)
-            except (FileNotFoundError, ValueError) as exc:
-                raise EmbedError(f"embed.backbone={backbone}: {exc}") from exc
+        try:
+            self.model, meta = open_backbone(backbone, weights)
+        except (FileNotFoundError, ValueError) as exc:
+            raise EmbedError(f"embed.backbone={backbone}: {exc}") from exc
         self.device = torch.device(
             "cuda"
             if device == "auto" and torch.cuda.is_available()
@@ -121,44 +118,6 @@ class BackboneEncoder(Encoder):
         assert inputs is not None
         feats = self._features(inputs.to(self.device)).float()
         return torch.nn.functional.normalize(feats, dim=1).cpu().numpy()
-
-
-def _timm_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
-    import timm
-
-    if not weights:
-        raise EmbedError(
-            f"embed.backbone=timm:{name} needs embed.weights (no weights are downloaded)"
-        )
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as exc:
-        raise EmbedError(f"embed.backbone=timm:{name}: {exc}") from exc
-    if str(weights).endswith(".safetensors"):
-        import safetensors.torch
-
-        state = safetensors.torch.load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith("head")]
-    if bad:
-        raise EmbedError(
-            f"{weights} does not fit timm {name}: missing {bad[:5]} (+{len(bad) - 5 if len(bad) > 5 else 0})"
-        )
-    if unexpected:
-        logger.info(
-            "%s: ignoring %d unexpected keys (e.g. %s)", weights, len(unexpected), unexpected[:3]
-        )
-    cfg = model.pretrained_cfg or {}
-    meta = {
-        "img_size": (cfg.get("input_size") or (3, 224, 224))[-1],
-        "channels": 3,
-        "mean": cfg.get("mean"),
-        "std": cfg.get("std"),
-    }
-    return model, meta
 
 
 def make_encoder(cfg: Any) -> Encoder:

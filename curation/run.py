@@ -58,7 +58,7 @@ from curation.index import normalize_rows
 from curation.retrieve import retrieve
 from curation.steps import PartsMissing, Steps, StopAfter, Timer
 from curation.writer import write_curated
-from pretrain.backbones import META_FILENAME, WEIGHTS_FILENAME, find_export
+from pretrain.backbones import CONFIG_FILENAME, WEIGHTS_FILENAME, find_export
 from pretrain.config import ConfigError, load_config, save_config, split_overrides
 from pretrain.data.specs import DatasetSpecError
 from pretrain.distributed import (
@@ -102,7 +102,7 @@ def _bootstrap(cfg: DictConfig, out: Path, *, may_train: bool = True) -> str:
     Array tasks (`may_train=False`) only use a finished bootstrap model: all of them training it at
     once would race; `--step bootstrap` (the launcher's first curation job) trains it."""
     run_dir = out / "bootstrap"
-    if not list(run_dir.rglob("backbone.json")):
+    if not (run_dir / "export" / CONFIG_FILENAME).is_file():
         if not may_train:
             raise EmbedError(
                 f"bootstrap.enabled: no bootstrap model in {run_dir} yet; run "
@@ -133,12 +133,15 @@ def _encoder_content(embed_cfg: DictConfig, steps: Steps) -> list[list[str]]:
         return []
     if backbone.startswith("timm:"):
         return steps.hashes.files([Path(embed_cfg.weights)]) if embed_cfg.weights else []
+    if backbone.startswith("local-dir:"):
+        folder = Path(backbone[len("local-dir:") :])
+        return steps.hashes.files(sorted(p for p in folder.iterdir() if p.is_file()))
     try:
         target = find_export(Path(backbone))
     except FileNotFoundError as exc:
         raise EmbedError(f"embed.backbone={backbone}: {exc}") from exc
     files = (
-        [target, target.with_name(WEIGHTS_FILENAME)] if target.name == META_FILENAME else [target]
+        [target, target.with_name(WEIGHTS_FILENAME)] if target.name == CONFIG_FILENAME else [target]
     )
     return steps.hashes.files([f for f in files if f.is_file()])
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from eval.contamination import pretraining_overlap
 from eval.features import RAW_BACKBONE, FeatureError, FeatureExtractor
 from eval.protocols import discover, get_protocol, thread_limit
 from eval.protocols.base import EvalContext, EvalError, ProtocolResult
@@ -40,6 +41,8 @@ from pretrain.backbones import BackboneError
 from pretrain.config import ConfigError, load_config, save_config
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.specs import DatasetSpecError, parse_spec
+from pretrain.provenance import config_sha256, provenance
+from pretrain.trackers import Trackers, wandb_available
 
 logger = logging.getLogger("eval")
 
@@ -61,12 +64,15 @@ def _protocol_names(protocol: str, cfg: DictConfig) -> list[str]:
     return names
 
 
-def _extractor(backbone: str, cfg: DictConfig, cache_dir: Path) -> FeatureExtractor:
+def _extractor(
+    backbone: str, cfg: DictConfig, cache_dir: Path, weights: str | None = None
+) -> FeatureExtractor:
     window = cfg.window
     if isinstance(window, ListConfig):  # (center, width) in modality units, e.g. HU
         window = tuple(OmegaConf.to_container(window))
     return FeatureExtractor(
         backbone,
+        weights=weights,
         cache_dir=cache_dir,
         n_last_blocks=int(cfg.n_last_blocks),
         batch_size=int(cfg.batch_size),
@@ -123,11 +129,14 @@ def run_eval(
     val: str | None = None,
     cfg: DictConfig | None = None,
     command: str | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any] | None:
     """Run `protocol` and write the outputs; returns the metrics.json document (None off rank 0)."""
     cfg = cfg if cfg is not None else load_config(DEFAULT_CONFIG)
     out_dir = Path(out)
     names = _protocol_names(protocol, cfg)
+    if cfg.logging.wandb and not wandb_available():
+        raise ConfigError("logging.wandb=true needs Weights & Biases: pip install 'medssl[wandb]'")
     for spec in (train, test, val):
         if spec is not None:
             parse_spec(spec)  # a bad spec fails before the backbone is loaded
@@ -136,7 +145,7 @@ def run_eval(
     )
     timing: dict[str, float] = {}
     start = time.perf_counter()
-    extractor = _extractor(backbone, cfg, cache_dir)
+    extractor = _extractor(backbone, cfg, cache_dir, weights)
     ctx = EvalContext.from_specs(cfg, extractor, train=train, test=test, val=val, out_dir=out_dir)
     timing["features"] = time.perf_counter() - start
     if du.is_dist() and dist.get_rank() != 0:
@@ -163,6 +172,10 @@ def run_eval(
                 "protocols": {n: protocol_json(r, raw_ctx) for n, r in raw_results.items()},
             }
     meta = extractor.meta
+    backbone_provenance = meta.get("provenance") or {}
+    overlap: dict[str, Any] = {"checked": False, "reason": "raw pixels or a foreign backbone"}
+    if not extractor.is_raw and backbone_provenance:
+        overlap = pretraining_overlap(backbone, meta, {"val": val, "test": test})
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -173,7 +186,15 @@ def run_eval(
             "arch": meta.get("arch"),
             "num_features": meta.get("num_features") or int(ctx.train.tokens.shape[-1]),
             "source": meta.get("source"),
+            "git_commit": (backbone_provenance.get("code") or {}).get("git_commit"),
+            "pretraining_manifests": [
+                i.get("manifest_sha256") or i.get("listing_sha256")
+                for i in backbone_provenance.get("inputs") or []
+            ],
+            "provenance": backbone_provenance or None,
         },
+        "provenance": provenance(cfg, inputs=[s for s in (train, val, test) if s is not None]),
+        "pretraining_overlap": overlap,
         "preprocessing": extractor.preprocessing(),
         "data": data_json(ctx),
         "protocols": {n: protocol_json(r, ctx) for n, r in results.items()},
@@ -183,11 +204,38 @@ def run_eval(
         "timing_s": timing,
     }
     write_metrics(doc, out_dir)
+    track_eval(doc, cfg, out_dir)
     with thread_limit(int(cfg.threads)):
         write_report(doc, results, ctx, out_dir)
     save_config(cfg, out_dir)
     logger.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "report.md")
     return doc
+
+
+def track_eval(doc: dict[str, Any], cfg: DictConfig, out_dir: Path) -> None:
+    """Every protocol setting's metrics (step 0) and each fine-tuning / adapter run's per-epoch
+    curve to the trackers asked for in `logging`."""
+    if not (cfg.logging.tensorboard or cfg.logging.wandb):
+        return
+    trackers = Trackers(
+        out_dir,
+        tensorboard=bool(cfg.logging.tensorboard),
+        wandb=bool(cfg.logging.wandb),
+        wandb_mode=str(cfg.logging.wandb_mode),
+        wandb_project=str(cfg.logging.wandb_project),
+        config={"protocols": list(doc["protocols"]), "config_sha256": config_sha256(cfg)},
+    )
+    try:
+        for name, block in doc["protocols"].items():
+            for setting, metrics in block["settings"].items():
+                trackers.log({f"{name}/{setting}/{k}": v for k, v in metrics.items()}, step=0)
+                params = metrics.get("params") if isinstance(metrics, dict) else None
+                for seed, curve in enumerate((params or {}).get("history") or []):
+                    for point in curve:
+                        values = {f"{name}/{setting}/seed{seed}/{k}": v for k, v in point.items()}
+                        trackers.log(values, step=int(point["epoch"]))
+    finally:
+        trackers.close()
 
 
 def _init_distributed() -> None:
@@ -208,7 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("protocol", help=f"all | {' | '.join(sorted(registry))}")
     parser.add_argument(
-        "--backbone", required=True, help="pretraining output dir, export dir, checkpoint, or 'raw'"
+        "--backbone",
+        required=True,
+        help="pretraining output dir, export dir, checkpoint, 'raw', local-dir:PATH (any timm "
+        "model folder) or timm:NAME[?key=value&...] with --weights",
+    )
+    parser.add_argument(
+        "--weights",
+        help="weights file for --backbone timm:NAME (.safetensors/.pth/.bin; never downloaded)",
     )
     parser.add_argument("--train", required=True, help="dataset spec (e.g. file.npz:train)")
     parser.add_argument("--test", required=True, help="dataset spec of the reported split")
@@ -241,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             cfg=cfg,
             command=command,
+            weights=args.weights,
         )
     except (
         ConfigError,

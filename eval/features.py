@@ -182,6 +182,7 @@ class FeatureExtractor:
         self,
         backbone: str,
         *,
+        weights: str | None = None,
         cache_dir: str | Path | None,
         n_last_blocks: int = 4,
         batch_size: int = 256,
@@ -208,10 +209,10 @@ class FeatureExtractor:
             self.fingerprint = RAW_BACKBONE
             self.output_variant = "n1"
         else:
-            from pretrain.backbones import load_backbone
+            from pretrain.init_from import open_backbone
             from pretrain.transforms import eval_transform
 
-            self.model, self.meta = load_backbone(self.backbone)
+            self.model, self.meta = open_backbone(self.backbone, weights)
             self.window = window if window is not None else self.meta.get("window")
             self.channels = self.meta.get("channels") or self.meta.get("in_chans") or "repeat"
             self.transform = eval_transform(

@@ -294,6 +294,25 @@ def render_markdown(doc: dict[str, Any], plots: dict[str, str]) -> str:
                 else f"`{s['spec']}`, n={s['n']}, class counts {s['class_counts']}"
             )
         )
+    code = (bb.get("provenance") or {}).get("code") or {}
+    if code:
+        lines.append(
+            f"- backbone trained by {code.get('package')} {code.get('version')} at commit "
+            f"{code.get('git_commit') or 'unknown'}; pretraining manifest sha256 "
+            + ", ".join(f"`{m}`" for m in bb.get("pretraining_manifests") or [])
+        )
+    overlap = doc.get("pretraining_overlap") or {}
+    found = {k: v for k, v in overlap.items() if k in ("train", "val", "test") and v}
+    if found:
+        lines.append(
+            "- **WARNING: eval images appear in the backbone's pretraining data** (pixel sha256): "
+            + ", ".join(f"{n} {split} image(s)" for split, n in found.items())
+            + "; those scores are optimistic"
+        )
+    elif overlap.get("checked"):
+        lines.append("- pretraining overlap: no val/test image in the pretraining data")
+    elif overlap:
+        lines.append(f"- pretraining overlap not checked: {overlap.get('reason')}")
     lines += [
         f"- intervals: {data['confidence_intervals']}",
         "",

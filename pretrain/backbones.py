@@ -1,8 +1,11 @@
 """Backbones (timm ViTs, torchvision ResNets) and their export in plain-timm format.
 
-Why plain timm: a pretrained medssl backbone must be usable by anyone with `timm` alone, so the
-exported state dict has exactly the keys of `timm.create_model(**backbone.json["timm_kwargs"])`
-and loads with `strict=True`, no renaming. SwiGLU has no JSON-able switch in timm 1.0 (`mlp_layer`
+Why plain timm: a pretrained medssl backbone must be usable by anyone with `timm` alone. The export
+is a Hugging Face Hub model folder in timm's layout, written by timm's own `save_for_hf`
+(config.json: architecture, model_args, pretrained_cfg; model.safetensors: plain timm keys), so
+`timm.create_model("local-dir:EXPORT", pretrained=True)` loads it with no renaming and
+`timm.models.push_to_hf_hub` or `huggingface-cli upload` takes it as is. config.json also holds a
+`medssl` entry (method, step, windowing, provenance) that timm ignores. SwiGLU has no JSON-able switch in timm 1.0 (`mlp_layer`
 takes a class), so SwiGLU ViTs are built from the registered `vit_giant_patch14_dinov2` entry,
 whose only non-overridable choice is the packed SwiGLU MLP (DINOv2's); every dimension is
 overridden explicitly. ResNets are torchvision models whose keys equal timm's `resnet18/50`.
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,9 +45,29 @@ from pretrain.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILENAME = "backbone.safetensors"
-META_FILENAME = "backbone.json"
-FORMAT_VERSION = 1
+WEIGHTS_FILENAME = "model.safetensors"  # the names timm and the Hub read
+CONFIG_FILENAME = "config.json"
+CARD_FILENAME = "README.md"  # the model card
+FORMAT_VERSION = 2  # 1: backbone.json + backbone.safetensors (before the Hub layout)
+# pretrained_cfg entries timm copies from the architecture's registered ImageNet weights: they
+# describe weights these are not (tag, paper, licence, test-time size), so the export drops them.
+_FOREIGN_PRETRAINED_KEYS = (
+    "tag",
+    "hf_hub_id",
+    "url",
+    "file",
+    "source",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "test_input_size",
+    "test_crop_pct",
+    "test_pool_size",
+    "pool_size",
+    "license",
+    "label_names",
+)
 
 BACKBONE_DEFAULTS: dict[str, Any] = {
     "arch": "vit_small",
@@ -225,11 +250,23 @@ def _as_channel_list(value: Any, in_chans: int, key: str) -> list[float] | None:
     return values
 
 
-def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None = None) -> Path:
-    """Write backbone.safetensors (plain timm keys) + backbone.json; return out_dir.
+def export_backbone(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    meta: dict | None = None,
+    license: str | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write a timm / Hugging Face Hub model folder (config.json, model.safetensors, and README.md
+    when `card` is given); return out_dir.
 
-    The json is written last, so its presence means the export is complete.
+    The weights go through a timm model built from the export's own kwargs and timm's
+    `save_for_hf`, so what timm writes is what timm reads back. config.json is written last: its
+    presence means the export is complete.
     """
+    from timm.models import save_for_hf
+
     model = _unwrap(model)
     c = getattr(model, "medssl_config", None)
     if c is None:
@@ -265,15 +302,44 @@ def export_backbone(model: nn.Module, out_dir: str | Path, *, meta: dict | None 
         info[key] = value
     for key in ("mean", "std"):
         info[key] = _as_channel_list(info[key], c["in_chans"], key)
-        if info[key] is not None:
-            kwargs.setdefault("pretrained_cfg_overlay", {})[key] = info[key]
-    text = json.dumps({"timm_kwargs": kwargs, "medssl": info}, indent=2, sort_keys=True)
+    chans = c["in_chans"]
+    data_config = {
+        "input_size": [chans, c["img_size"], c["img_size"]],
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        # no normalisation recorded = none applied: timm must not fill in ImageNet's statistics
+        "mean": info["mean"] if info["mean"] is not None else [0.0] * chans,
+        "std": info["std"] if info["std"] is not None else [1.0] * chans,
+    }
+    with torch.device("meta"):
+        twin = timm.create_model(**kwargs)
+    twin.load_state_dict(state, strict=True, assign=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_FILENAME, safetensors.torch.save(state))
-    atomic_write(out / META_FILENAME, text + "\n")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        save_for_hf(
+            twin,
+            tmp,
+            model_config={"medssl": _json_plain(info)},
+            safe_serialization=True,
+            data_config=data_config,
+        )
+        doc = json.loads((Path(tmp) / CONFIG_FILENAME).read_text())
+        pretrained = doc["pretrained_cfg"]
+        for key in _FOREIGN_PRETRAINED_KEYS:
+            pretrained.pop(key, None)
+        if license:
+            pretrained["license"] = license
+        os.replace(Path(tmp) / WEIGHTS_FILENAME, out / WEIGHTS_FILENAME)
+    if card is not None:
+        atomic_write(out / CARD_FILENAME, card)
+    atomic_write(out / CONFIG_FILENAME, json.dumps(doc, indent=2) + "\n")
     logger.info("exported %s backbone (%s) to %s", c["arch"], info["source"], out)
     return out
+
+
+def _json_plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 def _config_from_meta(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,35 +348,71 @@ def _config_from_meta(info: Mapping[str, Any]) -> dict[str, Any]:
     return resolve_backbone_config(c)
 
 
+def is_export_dir(path: Path) -> bool:
+    """A folder holding this project's export (timm layout + the `medssl` entry)."""
+    config = path / CONFIG_FILENAME
+    if not (config.is_file() and (path / WEIGHTS_FILENAME).is_file()):
+        return False
+    try:
+        return "medssl" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
 def find_export(path: Path) -> Path:
-    """Resolve a user path to a backbone.json or a .pt checkpoint (newest found in a run dir)."""
+    """Resolve a user path to an export's config.json or a .pt checkpoint (newest found in a run
+    dir)."""
     if not path.exists():
         raise FileNotFoundError(f"backbone path not found: {path}")
     if path.is_file():
-        return path.with_name(META_FILENAME) if path.name == WEIGHTS_FILENAME else path
-    if (path / META_FILENAME).is_file():
-        return path / META_FILENAME
-    for pattern in (META_FILENAME, "*.pt"):
-        found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
+        if path.name in (WEIGHTS_FILENAME, CONFIG_FILENAME):
+            return path.with_name(CONFIG_FILENAME)
+        return path
+    if (path / CONFIG_FILENAME).is_file():
+        return path / CONFIG_FILENAME
+    exports = [p / CONFIG_FILENAME for p in path.rglob("*") if p.is_dir() and is_export_dir(p)]
+    for found in (exports, list(path.rglob("*.pt"))):
         if found:
-            logger.info("loading newest %s under %s: %s", pattern, path, found[-1])
-            return found[-1]
-    raise FileNotFoundError(f"{path}: no {META_FILENAME} (export) or *.pt checkpoint inside")
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            logger.info("loading newest backbone under %s: %s", path, newest)
+            return newest
+    raise FileNotFoundError(
+        f"{path}: no export ({CONFIG_FILENAME} + {WEIGHTS_FILENAME}) or *.pt checkpoint inside"
+    )
 
 
-def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
-    weights = json_path.with_name(WEIGHTS_FILENAME)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"backbone metadata not found: {json_path}")
-    if not weights.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {weights}")
+def read_export_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(timm kwargs, medssl meta) of an export's config.json."""
+    if not config_path.is_file():
+        raise FileNotFoundError(f"backbone config not found: {config_path}")
     try:
-        doc = json.loads(json_path.read_text())
-        kwargs, info = dict(doc["timm_kwargs"]), dict(doc["medssl"])
+        doc = json.loads(config_path.read_text())
+        info = dict(doc["medssl"])
+        pretrained = doc.get("pretrained_cfg") or {}
+        kwargs = {
+            "model_name": doc["architecture"],
+            "pretrained": False,
+            **doc.get("model_args", {}),
+            "num_classes": 0,
+            "pretrained_cfg_overlay": {
+                k: pretrained[k]
+                for k in ("input_size", "mean", "std", "fixed_input_size")
+                if k in pretrained
+            },
+        }
     except (ValueError, KeyError, TypeError) as exc:
         raise BackboneError(
-            f"{json_path}: not a backbone.json with timm_kwargs/medssl ({exc!r})"
+            f"{config_path}: not a medssl export config.json (architecture, model_args, "
+            f"medssl) ({exc!r})"
         ) from exc
+    return kwargs, info
+
+
+def _load_export(config_path: Path) -> tuple[nn.Module, dict]:
+    weights = config_path.with_name(WEIGHTS_FILENAME)
+    kwargs, info = read_export_config(config_path)
+    if not weights.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights}")
     try:
         state = safetensors.torch.load_file(str(weights))
     except Exception as exc:  # safetensors raises several error types for truncated files
@@ -318,16 +420,16 @@ def _load_export(json_path: Path) -> tuple[nn.Module, dict]:
     try:
         # Built on the meta device: timm's random init costs most of a load and is overwritten anyway.
         with torch.device("meta"):
-            model = timm.create_model(**{**kwargs, "pretrained": False})
+            model = timm.create_model(**kwargs)
         model.load_state_dict(state, strict=True, assign=True)
         if any(
             t.is_meta for t in (*model.parameters(), *model.buffers())
         ):  # non-persistent buffers
-            model = timm.create_model(**{**kwargs, "pretrained": False})
+            model = timm.create_model(**kwargs)
             model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise BackboneError(
-            f"{weights} does not match the architecture in {json_path}: {str(exc)[:600]}"
+            f"{weights} does not match the architecture in {config_path}: {str(exc)[:600]}"
         ) from exc
     model.timm_kwargs = kwargs
     model.medssl_config = _config_from_meta(info)
@@ -378,10 +480,10 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[nn.M
 def load_backbone(
     path: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
-    """Load a backbone for evaluation; returns (model in eval mode, meta = backbone.json["medssl"]).
+    """Load a backbone for evaluation; returns (model in eval mode, meta = config.json["medssl"]).
 
-    `path` may be an export dir, its backbone.json/backbone.safetensors, a pretraining output dir
-    (newest backbone.json inside, else newest *.pt), or a training checkpoint `.pt`. A checkpoint is
+    `path` may be an export dir, its config.json/model.safetensors, a pretraining output dir
+    (newest export inside, else newest *.pt), or a training checkpoint `.pt`. A checkpoint is
     a plain dict (loaded with weights_only=True) holding:
       - "teacher_backbone" (preferred, DINOv2 teacher) or "backbone_state": the backbone state dict
         (keys as built by build_backbone; `module.`/`_orig_mod.` prefixes are stripped);
@@ -392,11 +494,12 @@ def load_backbone(
     target = find_export(Path(path))
     if target.suffix == ".pt":
         model, info = _load_checkpoint(target, map_location)
-    elif target.name == META_FILENAME:
+    elif target.name == CONFIG_FILENAME:
         model, info = _load_export(target)
     else:
         raise BackboneError(
-            f"{target}: expected {META_FILENAME}, {WEIGHTS_FILENAME} or a .pt checkpoint"
+            f"{target}: expected an export dir, its {CONFIG_FILENAME} or {WEIGHTS_FILENAME}, "
+            "or a .pt checkpoint"
         )
     return model.to(map_location).eval(), info
 

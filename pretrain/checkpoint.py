@@ -360,6 +360,13 @@ class RunCheckpointer:
         self.ckpt_dir = self.out / CHECKPOINT_DIR
         self.backbone_prefix = _prefix_of(engine.method, engine.method.backbone_for_export())
         self.last_saved = -1
+        self.provenance: dict[str, Any] | None = None
+        self.data: dict[str, Any] = {}
+        if is_main:
+            from pretrain.provenance import data_summary, provenance
+
+            self.provenance = provenance(cfg, inputs=[str(cfg.data.train)])
+            self.data = {"inputs": self.provenance["inputs"], **data_summary(str(cfg.data.train))}
 
     def export_meta(self, step: int, source: str) -> dict[str, Any]:
         from pretrain.transforms import default_mean_std
@@ -368,10 +375,12 @@ class RunCheckpointer:
         return {
             "method": str(self.cfg.method),
             "step": step,
+            "images_seen": step * self.engine.global_batch,
             "source": source,
             "mean": list(mean),
             "std": list(std),
             "window": plain(self.cfg.data.window),
+            "provenance": self.provenance,
         }
 
     def export(self, backbone_state: dict[str, torch.Tensor], step: int, source: str) -> None:
@@ -379,6 +388,7 @@ class RunCheckpointer:
         if not self.is_main:
             return
         from pretrain.backbones import build_backbone, export_backbone
+        from pretrain.model_card import model_card
 
         backbone = self.engine.method.backbone_for_export()
         if self.engine.fsdp:  # sharded: a weightless twin takes the gathered full state
@@ -389,7 +399,15 @@ class RunCheckpointer:
             self.out / n for n in (EXPORT_DIR, EXPORT_DIR + ".tmp", EXPORT_DIR + ".old")
         )
         shutil.rmtree(tmp, ignore_errors=True)
-        export_backbone(backbone, tmp, meta=self.export_meta(step, source))
+        meta = self.export_meta(step, source)
+        license = str(self.cfg.export.license)
+        card = model_card(
+            {**backbone.medssl_config, **meta},
+            license=license,
+            tags=[str(t) for t in self.cfg.export.tags],
+            data=self.data,
+        )
+        export_backbone(backbone, tmp, meta=meta, license=license, card=card)
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -430,10 +448,11 @@ class RunCheckpointer:
                 "backbone_config": plain(self.cfg.model),
                 "config": plain(self.cfg),
                 "meta": self.export_meta(step, f"{self.cfg.method} step {step}"),
+                "provenance": self.provenance,
             }
             path = save_checkpoint(state, self.ckpt_dir, step, int(self.cfg.train.keep_last))
             logger.info("checkpoint %s", path)
-        self.export(backbone, step, f"{self.cfg.method} step {step} of {self.out.name}")
+        self.export(backbone, step, f"{self.cfg.method} teacher/backbone at step {step}")
         self.last_saved = step
         du.barrier()
 

@@ -1,6 +1,6 @@
 """Continued pretraining: start a method's backbone(s) from existing weights (`init.from`).
 
-Sources: this project's export (dir with backbone.json) or training checkpoint (`ckpt-*.pt`), or a
+Sources: this project's export (a timm model folder: config.json + model.safetensors) or training checkpoint (`ckpt-*.pt`), or a
 foreign state dict file (.safetensors / .pth / .pt / .bin) in one of the key layouts of LAYOUTS.
 Each layout is an explicit table (namespace, renames, keys known not to belong to a backbone), so a
 key is either mapped, dropped for a stated reason, or reported as unknown -- never guessed. Then
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.backbones import (
-    META_FILENAME,
+    CONFIG_FILENAME,
     WEIGHTS_FILENAME,
     BackboneError,
     find_export,
@@ -160,9 +160,9 @@ def read_source(path: str | Path) -> tuple[dict[str, Tensor], str, list[str], Pa
     if not given.exists():
         raise FileNotFoundError(f"init.from: {given} does not exist")
     target = given
-    if given.is_dir() or given.name in (META_FILENAME, WEIGHTS_FILENAME):
+    if given.is_dir() or given.name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
         target = find_export(given)  # export dir/json, or run dir (newest export, else *.pt)
-    if target.name == META_FILENAME:
+    if target.name == CONFIG_FILENAME:
         weights = target.with_name(WEIGHTS_FILENAME)
         if not weights.is_file():
             raise FileNotFoundError(f"init.from: {weights} missing beside {target}")
@@ -436,3 +436,122 @@ def initialise_from(
         out.mkdir(parents=True, exist_ok=True)
         (out / REPORT_FILENAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
+
+
+# ---- backbones from elsewhere, for evaluation and embedding ---------------------------------------
+
+TIMM_PREFIX, LOCAL_DIR_PREFIX = "timm:", "local-dir:"
+_TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def _parse_timm_source(text: str) -> tuple[str, dict[str, Any]]:
+    """`NAME?key=value&key=value` -> (NAME, kwargs), values read as YAML scalars."""
+    import yaml
+
+    name, _, query = text.partition("?")
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise BackboneError(f"timm:{text}: '{part}' is not key=value")
+        kwargs[key] = yaml.safe_load(value)
+    return name, kwargs
+
+
+def _timm_backbone(
+    name: str, kwargs: dict[str, Any], weights: Path, pretrained_cfg: dict | None = None
+) -> tuple[nn.Module, dict]:
+    """timm model `name` (no classifier) with the backbone weights of `weights`, loaded strictly
+    after this module's layout mapping (timm, DINOv2, MAE/RETFound, UNI key tables)."""
+    import timm
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights}")
+    try:
+        extra = {"pretrained_cfg_overlay": pretrained_cfg} if pretrained_cfg else {}
+        model = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 0}, **extra)
+    except (RuntimeError, TypeError) as exc:
+        raise BackboneError(f"timm:{name}: {exc}") from exc
+    state, kind, _, resolved = read_source(weights)
+    state, _, _ = _select_namespace(strip_prefixes(state))
+    layout = LAYOUTS[detect_layout(list(state))]
+    report = InitReport(str(resolved), kind, layout.name, True)
+    mapped = map_keys(state, layout, report)
+    mapped = {k: v for k, v in mapped.items() if not re.match(r"^(head|fc)\.", k)}
+    try:
+        model.load_state_dict(mapped, strict=True)
+    except RuntimeError as exc:
+        raise BackboneError(
+            f"{weights} does not fit timm {name} ({layout.name} layout): {str(exc)[:600]}"
+        ) from exc
+    cfg = model.pretrained_cfg or {}
+    in_chans, *size = cfg.get("input_size") or (3, 224, 224)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    info = {
+        "arch": name,
+        "img_size": int(kwargs.get("img_size") or size[-1]),
+        "in_chans": int(kwargs.get("in_chans") or in_chans),
+        "channels": int(kwargs.get("in_chans") or in_chans),
+        "patch_size": int(patch[0]) if patch else None,
+        "num_features": int(model.num_features),
+        "mean": list(cfg["mean"]) if cfg.get("mean") else None,
+        "std": list(cfg["std"]) if cfg.get("std") else None,
+        "window": None,
+        "source": f"timm {name}, weights sha256 {_sha256(weights)[:16]}",
+    }
+    return model, info
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_backbone(
+    source: str, weights: str | None = None, *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """Any backbone an evaluation may compare: this project's (see
+    pretrain.backbones.load_backbone), `local-dir:PATH` (any timm / Hub model folder:
+    config.json + model.safetensors), or `timm:NAME[?key=value&...]` with a `weights` file --
+    e.g. a public DINOv2, UNI or RETFound checkpoint on disk. Nothing is downloaded."""
+    from pretrain.backbones import is_export_dir, load_backbone
+
+    source = str(source)
+    if source.startswith(TIMM_PREFIX):
+        if not weights:
+            raise BackboneError(
+                f"{source} needs a weights file (--weights / embed.weights): nothing is downloaded"
+            )
+        name, kwargs = _parse_timm_source(source[len(TIMM_PREFIX) :])
+        model, info = _timm_backbone(name, kwargs, Path(weights))
+    elif weights:
+        raise BackboneError(f"a weights file is only used with timm:NAME, not {source}")
+    elif source.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(source[len(LOCAL_DIR_PREFIX) :])
+        if is_export_dir(folder):
+            return load_backbone(folder, map_location=map_location)
+        config = folder / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{source}: no config.json in {folder}")
+        try:
+            doc = json.loads(config.read_text())
+            name, kwargs = doc["architecture"], dict(doc.get("model_args") or {})
+        except (ValueError, KeyError) as exc:
+            raise BackboneError(f"{config}: not a timm model config ({exc!r})") from exc
+        found = next((folder / f for f in _TIMM_WEIGHT_FILES if (folder / f).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{source}: none of {_TIMM_WEIGHT_FILES} in {folder}")
+        pretrained_cfg = {
+            k: v
+            for k, v in (doc.get("pretrained_cfg") or {}).items()
+            if k in ("input_size", "mean", "std")
+        }
+        model, info = _timm_backbone(name, kwargs, found, pretrained_cfg)
+    else:
+        return load_backbone(source, map_location=map_location)
+    return model.to(map_location).eval(), info

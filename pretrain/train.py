@@ -51,6 +51,8 @@ from pretrain.monitor import (
     OnlineKNN,
     plot_curves,
 )
+from pretrain.provenance import config_sha256
+from pretrain.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,15 @@ class StepReporter:
         self.engine, self.device = engine, device
         self.metrics = MetricsWriter(
             out / METRICS_FILENAME, enabled=is_main, resume_step=engine.step
+        )
+        self.trackers = Trackers(
+            out,
+            tensorboard=is_main and bool(cfg.logging.tensorboard),
+            wandb=is_main and bool(cfg.logging.wandb),
+            wandb_mode=str(cfg.logging.wandb_mode),
+            wandb_project=str(cfg.logging.wandb_project),
+            config=tracker_config(cfg),
+            resume_step=engine.step,
         )
         self.accumulator = MetricsAccumulator()
         self.collapse = CollapseMonitor(m)
@@ -166,6 +177,19 @@ class StepReporter:
             record.update(self.knn.evaluate(engine.method))
         if record:
             self.metrics.write({"step": step, "epoch": epoch, **record})
+            self.trackers.log(record, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.trackers.close()
+
+
+def tracker_config(cfg: DictConfig) -> dict[str, Any]:
+    """What a tracker is told of the run: the training hyperparameters and the merged config's
+    hash, never the data section or output_dir (paths)."""
+    keep = ("method", "model", "optim", "train", str(cfg.method))
+    doc = {k: plain(cfg[k]) for k in keep if k in cfg}
+    return {**doc, "config_sha256": config_sha256(cfg)}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -275,7 +299,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
                     )
         if batch_in_epoch >= steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
-    reporter.bar.close()
+    reporter.close()
 
     if outputs.last_saved != engine.step:
         outputs.save(epoch, batch_in_epoch)

@@ -17,6 +17,7 @@ from pretrain.data.specs import DatasetSpecError, parse_spec
 from pretrain.init_from import LAYOUT_CHOICES
 from pretrain.methods import get_method_class
 from pretrain.schedules import LR_SCALING_RULES
+from pretrain.trackers import WANDB_MODES, wandb_available
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ def validate(cfg: DictConfig) -> None:
             "dist.fsdp with train.precision=fp16 is not supported (GradScaler is not shard-aware): use bf16",
         ),
         (int(cfg.init.heads_only_steps) >= 0, "init.heads_only_steps must be >= 0"),
+        (
+            str(cfg.logging.wandb_mode) in WANDB_MODES,
+            f"logging.wandb_mode must be one of {WANDB_MODES}",
+        ),
+        (
+            not cfg.logging.wandb or wandb_available(),
+            "logging.wandb=true needs Weights & Biases: pip install 'medssl[wandb]'",
+        ),
         (
             str(cfg.init.layout) in LAYOUT_CHOICES,
             f"init.layout must be one of {LAYOUT_CHOICES}",

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from timm.layers import GluMlp
 
 from pretrain.backbones import (
-    META_FILENAME,
+    CONFIG_FILENAME,
     WEIGHTS_FILENAME,
     BackboneError,
     backbone_timm_kwargs,
@@ -64,11 +64,10 @@ def test_export_loads_into_plain_timm_with_identical_outputs(tmp_path, name):
     )
     assert not list(tmp_path.glob("*.tmp"))
 
-    # exactly what a user with plain timm does: no renaming, strict load
-    with open(tmp_path / META_FILENAME) as f:
-        doc = json.load(f)
-    plain = timm.create_model(**doc["timm_kwargs"])
-    plain.load_state_dict(safetensors.torch.load_file(tmp_path / WEIGHTS_FILENAME), strict=True)
+    # exactly what a user with plain timm does: one call, no renaming
+    plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert plain.num_classes == 0 and plain.pretrained_cfg["input_size"][0] == cfg.get("in_chans", 3)
+    assert "tag" not in plain.pretrained_cfg  # not timm's ImageNet weights
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), expected, atol=1e-6, rtol=0)
 
@@ -82,8 +81,11 @@ def test_export_loads_into_plain_timm_with_identical_outputs(tmp_path, name):
     assert meta["source"] == "dinov2 teacher step 1000"
     assert meta["mean"] == mean and meta["std"] == [0.25] * len(mean)
     assert plain.pretrained_cfg["mean"] == mean  # timm's data config sees our normalisation
-    # a loaded backbone re-exports to the same kwargs
-    assert backbone_timm_kwargs(loaded) == doc["timm_kwargs"]
+    # a loaded backbone re-exports to the same files
+    export_backbone(loaded, tmp_path / "again", meta=meta)
+    assert (tmp_path / "again" / CONFIG_FILENAME).read_text() == (
+        tmp_path / CONFIG_FILENAME
+    ).read_text()
 
 
 def test_swiglu_uses_dinov2_hidden_size():
@@ -215,7 +217,7 @@ def test_load_errors_name_the_file(tmp_path):
 
     model = build_backbone(dict(arch="vit_tiny", patch_size=4, img_size=28))
     export_backbone(model, tmp_path / "good")
-    weights, meta_file = tmp_path / "good" / WEIGHTS_FILENAME, tmp_path / "good" / META_FILENAME
+    weights, meta_file = tmp_path / "good" / WEIGHTS_FILENAME, tmp_path / "good" / CONFIG_FILENAME
 
     blob = weights.read_bytes()
     weights.write_bytes(blob[: len(blob) // 2])
@@ -227,7 +229,7 @@ def test_load_errors_name_the_file(tmp_path):
     weights.write_bytes(blob)
 
     doc = json.loads(meta_file.read_text())
-    doc["timm_kwargs"]["patch_size"] = 7  # weights are for patch 4
+    doc["model_args"]["patch_size"] = 7  # weights are for patch 4
     meta_file.write_text(json.dumps(doc))
     with pytest.raises(BackboneError, match=f"{weights} does not match.*{meta_file}"):
         load_backbone(meta_file)
@@ -253,4 +255,4 @@ def test_config_and_export_refuse_bad_input(tmp_path):
         export_backbone(model, tmp_path, meta={"img_size": 64})
     with pytest.raises(BackboneError, match="3 channels"):
         export_backbone(model, tmp_path, meta={"mean": [0.1, 0.2]})
-    assert not (tmp_path / META_FILENAME).exists()
+    assert not (tmp_path / CONFIG_FILENAME).exists()

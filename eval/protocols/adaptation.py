@@ -249,6 +249,7 @@ def run_method(ctx: EvalContext, method: str) -> ProtocolResult:
                 "train_seconds": seconds,
                 "best_epoch": [i["best_epoch"] for i in infos],
                 "epochs_run": [i["epochs_run"] for i in infos],
+                "history": [i["history"] for i in infos],  # per seed: epoch, loss, val_auroc
                 "adapter_bytes": infos[0]["adapter_bytes"],
             },
         }
