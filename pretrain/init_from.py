@@ -484,18 +484,28 @@ def _timm_backbone(
         raise BackboneError(
             f"{weights} does not fit timm {name} ({layout.name} layout): {str(exc)[:600]}"
         ) from exc
-    cfg = model.pretrained_cfg or {}
-    in_chans, *size = cfg.get("input_size") or (3, 224, 224)
+    data = timm.data.resolve_data_config({}, model=model)
+    in_chans, _, size = data["input_size"]
+    if kwargs.get("img_size") is not None:  # built for another size than its registered weights
+        given = kwargs["img_size"]
+        size = given[-1] if isinstance(given, (list, tuple)) else given
+    in_chans = int(kwargs.get("in_chans") or in_chans)
+    mean, std = (
+        [float(v) for v in values]
+        if len(values) == in_chans
+        else [float(sum(values) / len(values))] * in_chans  # RGB statistics for a gray stem
+        for values in (data["mean"], data["std"])
+    )
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     info = {
         "arch": name,
-        "img_size": int(kwargs.get("img_size") or size[-1]),
-        "in_chans": int(kwargs.get("in_chans") or in_chans),
-        "channels": int(kwargs.get("in_chans") or in_chans),
+        "img_size": int(size),
+        "in_chans": int(in_chans),
+        "channels": int(in_chans),
         "patch_size": int(patch[0]) if patch else None,
         "num_features": int(model.num_features),
-        "mean": list(cfg["mean"]) if cfg.get("mean") else None,
-        "std": list(cfg["std"]) if cfg.get("std") else None,
+        "mean": mean,
+        "std": std,
         "window": None,
         "source": f"timm {name}, weights sha256 {_sha256(weights)[:16]}",
     }

@@ -116,10 +116,7 @@ def test_all_writes_report_with_tables_plots_and_reference(acceptance):
 
 def test_knn_agrees_with_an_independent_dino_knn_on_the_export(acceptance, export, medssl_data):
     """Plain timm + numpy: load the export, normalise as the report states, CLS token, k=20."""
-    meta = json.loads((export / "backbone.json").read_text())
-    model = timm.create_model(**meta["timm_kwargs"])
-    model.load_state_dict(safetensors.torch.load_file(str(export / "backbone.safetensors")))
-    model.eval()
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     data = np.load(medssl_data / "breastmnist.npz")
 
     def embed(split: str) -> np.ndarray:
@@ -156,7 +153,7 @@ def test_feature_cache_reused_and_invalidated_when_the_backbone_changes(
     # the same weights, here in a training checkpoint of a run dir, share the cache entry
     ckpt = tmp_path / "run" / "checkpoint.pt"
     ckpt.parent.mkdir()
-    state = safetensors.torch.load_file(str(export / "backbone.safetensors"))
+    state = safetensors.torch.load_file(str(export / "model.safetensors"))
     torch.save(
         {
             "teacher_backbone": state,
@@ -172,7 +169,7 @@ def test_feature_cache_reused_and_invalidated_when_the_backbone_changes(
     changed = tmp_path / "changed"
     shutil.copytree(export, changed)
     state["blocks.11.mlp.fc2.bias"] += 0.5
-    safetensors.torch.save_file(state, str(changed / "backbone.safetensors"))
+    safetensors.torch.save_file(state, str(changed / "model.safetensors"))
     other = FeatureExtractor(str(changed), cache_dir=cache)(spec)
     assert len(list(cache.glob("*.npz"))) == 2
     assert not np.allclose(first.tokens[:, -1], other.tokens[:, -1])
@@ -334,10 +331,7 @@ def test_auto_features_are_what_the_exported_backbone_outputs(medssl_data, tmp_p
     spec = f"{medssl_data / 'breastmnist.npz'}:test"
     features = extractor(spec)
     assert features.resolve("auto") == ("avgpool" if pool == "avg" else "n1")
-    timm_model = timm.create_model(
-        **json.loads((export / "backbone.json").read_text())["timm_kwargs"]
-    )
-    timm_model.load_state_dict(safetensors.torch.load_file(str(export / "backbone.safetensors")))
+    timm_model = timm.create_model(f"local-dir:{export}", pretrained=True)
     images = torch.stack([extractor.open(spec)[i][0] for i in range(8)])
     with torch.no_grad():
         expected = timm_model.eval()(images).numpy()

@@ -264,7 +264,7 @@ def test_resume_does_not_reapply_init_from(ramp_npz, tmp_path):
     cfg = mae_config(ramp_npz, tmp_path / "run", **{"init.from": src / "export"})
     run_killed(cfg, MAE, 3)
     # the source is gone: a resumed run that re-applied init.from would fail to read it
-    (src / "export" / "backbone.safetensors").write_bytes(b"not weights")
+    (src / "export" / "model.safetensors").write_bytes(b"not weights")
     run(cfg)
     model, meta = load_backbone(tmp_path / "run" / "export")
     assert meta["step"] == 4

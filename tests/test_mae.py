@@ -94,7 +94,7 @@ def test_mae_resumes_exactly_after_sigkill_and_exports_the_encoder(ramp_npz, tmp
     for key, value in model.state_dict().items():
         assert torch.equal(value, a["model"][f"encoder.{key}"]), key
     # mae.global_pool=avg (RETFound): the export's output is the mean of the normed patch tokens
-    kwargs = json.loads((resumed / "export" / "backbone.json").read_text())["timm_kwargs"]
+    kwargs = json.loads((resumed / "export" / "config.json").read_text())["model_args"]
     assert kwargs["global_pool"] == "avg" and kwargs["fc_norm"] is False
     x = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
