@@ -42,6 +42,7 @@ from pretrain.data.dicom import BURNED_IN_POLICIES
 from pretrain.data.readers import NPZ_SPLITS, UnreadableImageError
 from pretrain.io import atomic_write
 from pretrain.privacy import SALT_ENV, PrivacyError, SiteKey, private_jsonl, resolve_site_key
+from pretrain.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -556,7 +557,8 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
         done = [read_done(parts, b.index) or {} for b in mine]
         summary = _counts(done, started) | {"task": task[0], "tasks": task[1]}
     else:
-        summary = _merge(out, blocks, [naming.shown(u.base) for u in units], started)
+        record = provenance(cfg, site=naming.site)  # inputs are raw files: no manifest to hash
+        summary = _merge(out, blocks, [naming.shown(u.base) for u in units], started, record)
     for handle in locks:
         handle.close()
     return summary
@@ -585,7 +587,9 @@ def _counts(done: list[dict], started: float) -> dict[str, Any]:
     )
 
 
-def _merge(out: Path, blocks: list[Block], names: list[str], started: float) -> dict[str, Any]:
+def _merge(
+    out: Path, blocks: list[Block], names: list[str], started: float, record: dict[str, Any]
+) -> dict[str, Any]:
     """manifest.jsonl, rejected.jsonl and summary.json from every block's commit record."""
     done = [read_done(out / PARTS, b.index) for b in blocks]
     missing = [b.index for b, d in zip(blocks, done) if d is None]
@@ -596,7 +600,7 @@ def _merge(out: Path, blocks: list[Block], names: list[str], started: float) -> 
     ordered = list(dict.fromkeys(name for name in names if name in reasons))
     rejected = [{"source": name, "reason": reasons[name]} for name in ordered]
     atomic_write(out / "rejected.jsonl", _jsonl(rejected))
-    summary = _counts(done, started) | {"rejected": len(rejected)}
+    summary = _counts(done, started) | {"rejected": len(rejected), "provenance": record}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

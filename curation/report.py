@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.provenance import provenance  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 CELL = 64
@@ -195,6 +197,7 @@ def write_report(cfg, out: Path, summaries: dict, results: dict) -> dict:
         "curated": summaries.get("write", {}).get("out"),
         "output_dir": str(out),
         "steps": summaries,
+        "provenance": provenance(cfg, inputs=[str(cfg.pool), *[str(s) for s in cfg.eval_sets]]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     rows = "".join(

@@ -2,7 +2,7 @@
 adapters, visual prompt tuning (VPT-shallow), and full fine-tuning, behind one `AdaptedModel`.
 
 Why forward hooks instead of replacing modules: the backbone keeps exactly the module tree and
-state-dict keys of `timm.create_model(**backbone.json["timm_kwargs"])`, so the frozen weights stay
+state-dict keys of the timm model its export folder describes (config.json), so the frozen weights stay
 shareable as the plain-timm export, the adapter tensors live apart (`adapters.*`, `prompts`,
 `head.*`) and can be saved alone, and LoRA merges back into the very keys it adapts.
 

@@ -4,7 +4,7 @@ Why a cache: every protocol (k-NN, 52 linear heads, logistic regression, few-sho
 seeds) reads the same frozen features, so the backbone runs once per (backbone, dataset, transform).
 The cache key is the sha256 of
 - the backbone's weights as loaded (every tensor's name, dtype, shape and bytes) and its
-  architecture -- an export dir, its backbone.safetensors or a training checkpoint holding the same
+  architecture -- an export dir, its model.safetensors or a training checkpoint holding the same
   weights share entries, and any changed weight invalidates them;
 - the dataset spec and the path, size and mtime of every file it reads;
 - the preprocessing (the transform's repr, window, n_last_blocks) and FEATURE_FORMAT.

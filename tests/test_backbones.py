@@ -65,7 +65,9 @@ def test_export_loads_into_plain_timm_with_identical_outputs(tmp_path, name):
 
     # exactly what a user with plain timm does: one call, no renaming
     plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
-    assert plain.num_classes == 0 and plain.pretrained_cfg["input_size"][0] == cfg.get("in_chans", 3)
+    assert plain.num_classes == 0 and plain.pretrained_cfg["input_size"][0] == cfg.get(
+        "in_chans", 3
+    )
     assert "tag" not in plain.pretrained_cfg  # not timm's ImageNet weights
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), expected, atol=1e-6, rtol=0)

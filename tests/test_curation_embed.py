@@ -56,7 +56,7 @@ def test_timm_model_needs_and_loads_a_weights_file(shards, tmp_path):
     import safetensors.torch
     import timm
 
-    with pytest.raises(EmbedError, match="needs embed.weights"):
+    with pytest.raises(EmbedError, match="needs a weights file.*embed.weights"):
         make_encoder(OmegaConf.create({**EMBED, "backbone": "timm:test_vit"}))
     model = timm.create_model("test_vit", pretrained=False, num_classes=0)
     safetensors.torch.save_file(model.state_dict(), str(tmp_path / "w.safetensors"))

@@ -162,6 +162,14 @@ def test_kill_after_embed_resumes_without_embedding_again(data, monkeypatch):
     assert saved["steps"]["near"]["threshold"] == defaults.dedup.threshold
     assert saved["steps"]["decontam"]["threshold"] == defaults.decontaminate.threshold
     assert "seconds" in saved["steps"]["decontam"]
+    # provenance: the pool's manifest by sha256, the saved config by sha256, no path
+    pool_manifest = data["root"] / "pool" / "manifest.jsonl"
+    prov = saved["provenance"]
+    assert (
+        prov["inputs"][0]["manifest_sha256"]
+        == hashlib.sha256(pool_manifest.read_bytes()).hexdigest()
+    )
+    assert str(data["root"]) not in json.dumps(prov)
 
     again = run_pipeline(load_config(DEFAULT_CONFIG, None, _overrides(data, out)))  # all cached
     assert all(s["cached"] for s in again["steps"].values())

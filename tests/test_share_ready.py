@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from eval.__main__ import main as eval_main
-from pretrain.backbones import BackboneError, build_backbone, load_backbone
 from pretrain.__main__ import main as pretrain_main
+from pretrain.backbones import BackboneError, build_backbone, load_backbone
 from pretrain.init_from import open_backbone
 from pretrain.privacy import SiteKey
 from pretrain.provenance import pseudonymised_command
@@ -122,15 +122,24 @@ def test_eval_names_the_backbone_and_warns_when_test_images_were_pretrained_on(
     untrained, medssl_data, tmp_path
 ):
     data = medssl_data / "breastmnist.npz"
-    common = ["--backbone", str(untrained / "export"), "knn.ks=[5]", "knn.default_k=5", "raw_baseline=[]"]
+    common = [
+        "--backbone",
+        str(untrained / "export"),
+        "knn.ks=[5]",
+        "knn.default_k=5",
+        "raw_baseline=[]",
+    ]
     assert eval_main(["knn", *common, "--train", f"{data}:val", "--test", f"{data}:train",
                       "--out", str(tmp_path / "leak")]) == 0  # fmt: skip
     doc = json.loads((tmp_path / "leak" / "metrics.json").read_text())
     assert doc["backbone"]["pretraining_manifests"] == [_sha256(data)]
-    assert doc["backbone"]["git_commit"] == (
-        json.loads((untrained / "export" / "config.json").read_text())["medssl"]["provenance"][
-            "code"
-        ]["git_commit"]
+    assert (
+        doc["backbone"]["git_commit"]
+        == (
+            json.loads((untrained / "export" / "config.json").read_text())["medssl"]["provenance"][
+                "code"
+            ]["git_commit"]
+        )
     )
     assert doc["pretraining_overlap"]["test"] == 546  # every train image is in the pretraining set
     assert "WARNING: eval images appear" in (tmp_path / "leak" / "report.md").read_text()
