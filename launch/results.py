@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pretrain.backbones import CONFIG_FILENAME, find_export, is_export_dir, refresh_model_card
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1_macro")
@@ -46,6 +48,17 @@ def _fmt(value: Any, ci: Any = None) -> str:
     if ci:
         text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
     return text
+
+
+def _add_to_model_card(backbone: str, rows: list[dict[str, Any]]) -> None:
+    """The evaluation table goes into the model card of a medssl export (others are left alone)."""
+    try:
+        target = find_export(Path(backbone))
+    except (FileNotFoundError, OSError):
+        return
+    if target.name == CONFIG_FILENAME and is_export_dir(target.parent):
+        refresh_model_card(target.parent, rows)
+        logger.info("model card %s now holds the evaluation table", target.parent / "README.md")
 
 
 def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str, str]:
@@ -89,4 +102,6 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
         + "\n"
     )
     logger.info("gathered %d rows into %s", len(rows), out / "results.md")
+    for backbone in dict.fromkeys(row["backbone_path"] for row in rows):
+        _add_to_model_card(backbone, [r for r in rows if r["backbone_path"] == backbone])
     return {name: str(out / name) for name in ("results.json", "results.csv", "results.md")}

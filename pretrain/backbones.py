@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,24 @@ def export_backbone(
     atomic_write(out / CONFIG_FILENAME, json.dumps(doc, indent=2) + "\n")
     logger.info("exported %s backbone (%s) to %s", c["arch"], info["source"], out)
     return out
+
+
+def refresh_model_card(export_dir: str | Path, evaluation: Sequence[Mapping[str, Any]]) -> Path:
+    """Rewrite an export's model card with an evaluation table (launch pipeline's gather job),
+    from what its config.json recorded at export."""
+    from pretrain.model_card import model_card
+
+    folder = Path(export_dir)
+    doc = json.loads((folder / CONFIG_FILENAME).read_text())
+    info = doc["medssl"]
+    card = model_card(
+        info,
+        license=(doc.get("pretrained_cfg") or {}).get("license") or "other",
+        tags=info.get("card_tags") or [],
+        data=info.get("pretraining_data"),
+        evaluation=evaluation,
+    )
+    return atomic_write(folder / CARD_FILENAME, card)
 
 
 def _json_plain(value: Any) -> Any:

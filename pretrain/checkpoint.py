@@ -399,12 +399,16 @@ class RunCheckpointer:
             self.out / n for n in (EXPORT_DIR, EXPORT_DIR + ".tmp", EXPORT_DIR + ".old")
         )
         shutil.rmtree(tmp, ignore_errors=True)
-        meta = self.export_meta(step, source)
+        meta = {
+            **self.export_meta(step, source),
+            "pretraining_data": self.data,
+            "card_tags": [str(t) for t in self.cfg.export.tags],
+        }
         license = str(self.cfg.export.license)
         card = model_card(
             {**backbone.medssl_config, **meta},
             license=license,
-            tags=[str(t) for t in self.cfg.export.tags],
+            tags=meta["card_tags"],
             data=self.data,
         )
         export_backbone(backbone, tmp, meta=meta, license=license, card=card)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from eval.__main__ import main as eval_main
+from launch.results import gather_eval_table
 from pretrain.__main__ import main as pretrain_main
 from pretrain.backbones import BackboneError, build_backbone, load_backbone
 from pretrain.init_from import open_backbone
@@ -157,6 +158,14 @@ def test_eval_names_the_backbone_and_warns_when_test_images_were_pretrained_on(
         "manifest_sha256": _sha256(data),
         "test": shared,
     }
+
+    # launch pipeline's gather job puts the evaluation table into the model card
+    cell = {"out": str(tmp_path / "clean"), "label": "ours", "protocol": "knn"}
+    gather_eval_table(tmp_path / "table", [{**cell, "backbone": str(untrained)}])
+    card = (untrained / "export" / "README.md").read_text()
+    accuracy = clean["protocols"]["knn"]["settings"]["k=5"]["accuracy"]
+    assert "## Evaluation" in card and f"| knn | k=5 | {accuracy:.4f} |" in card
+    assert _sha256(data) in card  # the data section survives the rewrite
 
 
 def test_tensorboard_events_hold_the_logged_losses(tmp_path, medssl_data):
