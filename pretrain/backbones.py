@@ -15,6 +15,7 @@ Backbone config keys (the `model:` section of the pretraining YAML holds the sam
   patch_size       ViT patch size (4, 8, 14, 16); img_size must be a multiple of it
   img_size         global-crop size the position embedding is made for (28, 32, 64, 224...)
   in_chans         1 (grayscale) or 3
+  depth            ViT blocks; null = the arch's (12 for tiny/small/base, 24 for large)
   reg_tokens       number of ViT register tokens (0 = none)
   layerscale       null, or LayerScale init value (e.g. 1e-5)
   swiglu           bool, SwiGLU MLP (DINOv2 hidden-size rule) instead of GELU MLP
@@ -74,6 +75,7 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "patch_size": 16,
     "img_size": 224,
     "in_chans": 3,
+    "depth": None,
     "reg_tokens": 0,
     "layerscale": None,
     "swiglu": False,
@@ -116,6 +118,10 @@ def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
     for key in ("swiglu", "qkv_bias", "dynamic_img_size"):
         if not isinstance(c[key], bool):
             raise BackboneError(f"backbone {key} must be true/false, got {c[key]!r}")
+    if c["depth"] is not None and (
+        not isinstance(c["depth"], int) or isinstance(c["depth"], bool) or c["depth"] < 1
+    ):
+        raise BackboneError(f"backbone depth must be null or a positive int, got {c['depth']!r}")
     if not isinstance(c["reg_tokens"], int) or c["reg_tokens"] < 0:
         raise BackboneError(f"backbone reg_tokens must be an int >= 0, got {c['reg_tokens']!r}")
     if c["layerscale"] is not None and not (
@@ -130,8 +136,8 @@ def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
             f"img_size {c['img_size']} is not a multiple of patch_size {c['patch_size']}"
         )
     if c["arch"] in RESNET_FEATURES:
-        if c["reg_tokens"] or c["layerscale"] is not None or c["swiglu"]:
-            logger.warning("%s ignores ViT-only keys reg_tokens/layerscale/swiglu", c["arch"])
+        if c["reg_tokens"] or c["layerscale"] is not None or c["swiglu"] or c["depth"]:
+            logger.warning("%s ignores ViT-only keys depth/reg_tokens/layerscale/swiglu", c["arch"])
         if c["drop_path_rate"]:
             logger.warning("torchvision %s has no drop_path; drop_path_rate ignored", c["arch"])
     return c
@@ -158,6 +164,7 @@ def _timm_kwargs(c: dict[str, Any]) -> dict[str, Any]:
             "pretrained_cfg_overlay": overlay,
         }
     dim, depth, heads = VIT_SIZES[arch]
+    depth = c["depth"] or depth
     overlay["fixed_input_size"] = not c["dynamic_img_size"]
     return {
         "model_name": SWIGLU_MODEL_NAME if c["swiglu"] else f"{arch}_patch16_224",
@@ -284,6 +291,7 @@ def export_backbone(
         "in_chans": c["in_chans"],
         "patch_size": c["patch_size"] if is_vit else None,
         "num_features": int(model.num_features),
+        "depth": c["depth"] if is_vit else None,
         "reg_tokens": c["reg_tokens"] if is_vit else 0,
         "layerscale": c["layerscale"] if is_vit else None,
         "swiglu": c["swiglu"] and is_vit,

@@ -484,6 +484,15 @@ def _timm_backbone(
         raise BackboneError(
             f"{weights} does not fit timm {name} ({layout.name} layout): {str(exc)[:600]}"
         ) from exc
+    # what adaptation protocols rebuild it from (e.g. full fine-tuning with drop path)
+    model.timm_kwargs = {
+        "model_name": name,
+        "pretrained": False,
+        **kwargs,
+        "num_classes": 0,
+        **extra,
+    }
+    model.medssl_config = None
     data = timm.data.resolve_data_config({}, model=model)
     in_chans, _, size = data["input_size"]
     if kwargs.get("img_size") is not None:  # built for another size than its registered weights

@@ -31,6 +31,7 @@ ROUND_TRIP_CASES = {
     ),
     "vit_tiny_swiglu": dict(arch="vit_tiny", patch_size=8, img_size=32, swiglu=True, reg_tokens=1),
     "resnet18_gray": dict(arch="resnet18", img_size=28, in_chans=1),
+    "vit_tiny_p4_6_blocks": dict(arch="vit_tiny", patch_size=4, img_size=28, in_chans=1, depth=6),
 }
 
 
@@ -79,6 +80,8 @@ def test_export_loads_into_plain_timm_with_identical_outputs(tmp_path, name):
     assert meta["arch"] == cfg["arch"] and meta["img_size"] == cfg["img_size"]
     assert meta["in_chans"] == cfg.get("in_chans", 3)
     assert meta["num_features"] == model.num_features
+    if cfg["arch"].startswith("vit"):
+        assert len(loaded.blocks) == len(plain.blocks) == cfg.get("depth", 12)
     assert meta["source"] == "dinov2 teacher step 1000"
     assert meta["mean"] == mean and meta["std"] == [0.25] * len(mean)
     assert plain.pretrained_cfg["mean"] == mean  # timm's data config sees our normalisation
