@@ -1,4 +1,4 @@
-"""`python -m curation COMMAND ...`: ingest raw images into shards, preview shards, curate a pool.
+"""`python -m curation COMMAND ...`: ingest raw images or tile slides into shards, preview, curate.
 
 Each command module exposes `add_arguments(parser)`, `run(args) -> exit code` and optionally
 USER_ERRORS (exceptions shown as one-line errors); adding a stage is one COMMANDS line.
@@ -16,6 +16,7 @@ from pretrain.privacy import PrivacyError
 
 COMMANDS = {
     "ingest": ("curation.ingest", "raw images (DICOM, PNG/JPEG/TIFF/BMP, .npz) -> shards"),
+    "tile": ("curation.tile", "whole-slide images -> tissue tiles at a fixed mpp -> shards"),
     "preview": ("curation.preview", "image grid + counts of a shard folder"),
     "run": (
         "curation.run",

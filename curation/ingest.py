@@ -109,12 +109,12 @@ def _npz_units(path: Path, base: str, splits: tuple[str, ...], cfg: DictConfig) 
     try:
         shapes = readers.npz_split_shapes(path, splits)
     except UnreadableImageError as exc:
-        return [Unit("reject", str(path), base, reason=_redact(str(exc), str(path), base))]
+        return [Unit("reject", str(path), base, reason=redact(str(exc), str(path), base))]
     modality = readers.npz_modality(path, OmegaConf.to_container(cfg.npz_modality))
     units: list[Unit] = []
     for split, shape in shapes.items():
         if isinstance(shape, str):
-            reason = _redact(shape, str(path), f"{base}:{split}")
+            reason = redact(shape, str(path), f"{base}:{split}")
             units.append(Unit("reject", str(path), f"{base}:{split}", reason=reason))
             continue
         # Bound a work unit to ~4 MB of pixels: large images get smaller chunks.
@@ -138,7 +138,7 @@ def _npz_units(path: Path, base: str, splits: tuple[str, ...], cfg: DictConfig) 
     return units
 
 
-def _files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
+def list_files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
     """(source name, path, rejection reason or "") of a SRC: `root/rel/path` for folders, sorted.
 
     Hidden entries and the output folder are skipped; symbolic links to folders are not
@@ -186,7 +186,7 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
             continue
         if not Path(text).exists():
             raise IngestError(f"{text}: no such file or directory")
-        for base, path, why in _files(Path(text), exclude):
+        for base, path, why in list_files(Path(text), exclude):
             if why:
                 units.append(Unit("reject", str(path), base, reason=why))
                 continue
@@ -211,7 +211,7 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
 
 
 # ------------------------------------------------------------------------------------ workers
-def _redact(text: str, path: str, base: str) -> str:
+def redact(text: str, path: str, base: str) -> str:
     """An error message with the input's path, source name and each part of them redacted: the
     pseudonym already names the input, and folder and file names can name a patient."""
     text = text.removeprefix(f"{path}: ")
@@ -222,7 +222,7 @@ def _redact(text: str, path: str, base: str) -> str:
 
 
 def _reason(exc: Exception, unit: Unit) -> str:
-    return _redact(str(exc), unit.path, unit.base)
+    return redact(str(exc), unit.path, unit.base)
 
 
 def _encode(unit: Unit, image: readers.DecodedImage, naming: Naming) -> dict:
@@ -309,7 +309,7 @@ def _done_path(parts: Path, index: int) -> Path:
     return parts / f"block-{index:06d}.json"
 
 
-def _block_files(out: Path, index: int) -> list[Path]:
+def block_files(out: Path, index: int) -> list[Path]:
     """Shards and temp shards of block `index` (`shard-B.tar`, `shard-B_0001.tar.tmp`, ...)."""
     first = shards.shard_name(index)
     pieces = first.removesuffix(shards.SHARD_SUFFIX) + "_*"
@@ -349,7 +349,7 @@ def write_block(task: tuple[Block, dict, Naming, str, int]) -> tuple[int, int, l
     block's first temp shard."""
     block, opts, naming, out_dir, size = task
     out = Path(out_dir)
-    for stale in _block_files(out, block.index):  # from an attempt killed before its record
+    for stale in block_files(out, block.index):  # from an attempt killed before its record
         stale.unlink()
     records: list[dict] = []
     rejected: list[dict] = []
@@ -424,11 +424,11 @@ def process_unit(unit: Unit, opts: dict, naming: Naming) -> tuple[list[dict], st
 
 
 # ------------------------------------------------------------------------------ run and merge
-def _jsonl(records: list[dict]) -> str:
+def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-def _check_same_key(out: Path, naming: Naming) -> None:
+def check_site_key(out: Path, naming: Naming) -> None:
     """Refuse a re-run under another site key or source mode: one output, one kind of name."""
     path = out / PRIVACY_FILE
     mine = {
@@ -451,13 +451,15 @@ def _check_same_key(out: Path, naming: Naming) -> None:
     atomic_write(path, json.dumps(mine, indent=2) + "\n")
 
 
-def _check_same_settings(out: Path, cfg: DictConfig) -> None:
-    """A re-run resumes only the same ingest: other inputs or settings would mix two datasets."""
+def check_same_settings(
+    out: Path, cfg: DictConfig, volatile: tuple[str, ...] = VOLATILE_KEYS
+) -> None:
+    """A re-run resumes only the same run: other inputs or settings would mix two datasets."""
     if not (out / "config.yaml").exists() or not (out / ".parts").exists():
         return
     old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
     new = OmegaConf.to_container(cfg)
-    for key in sorted((set(old) | set(new)) - set(VOLATILE_KEYS)):
+    for key in sorted((set(old) | set(new)) - set(volatile)):
         if old.get(key) != new.get(key):
             values = "" if key == "src" else f" ({old.get(key)!r} vs {new.get(key)!r})"
             raise IngestError(
@@ -487,7 +489,7 @@ def _check_layout(parts: Path) -> None:
         )
 
 
-def _lock(out: Path, task: tuple[int, int] | None) -> list:
+def lock_output(out: Path, task: tuple[int, int] | None) -> list:
     """A whole run excludes every other run on OUT; array tasks exclude only their own twin."""
     wanted = [(out / ".lock", fcntl.LOCK_SH if task else fcntl.LOCK_EX)]
     if task:
@@ -521,11 +523,11 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
     units = plan_inputs(list(cfg.src), cfg, exclude=out)  # bad SRC: fail before touching OUT
     parts = out / PARTS
     parts.mkdir(parents=True, exist_ok=True)
-    locks = _lock(out, task)
+    locks = lock_output(out, task)
     _check_layout(parts)
-    _check_same_key(out, naming)
+    check_site_key(out, naming)
     shown = OmegaConf.merge(cfg, {"src": [naming.shown(src) for src in cfg.src]})
-    _check_same_settings(out, shown)
+    check_same_settings(out, shown)
     save_config(shown, out)
     _write_private_map(cfg, units, naming)
     blocks = plan_blocks(units, int(cfg.shard_size))
@@ -547,7 +549,9 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
     }
     work = [(block, opts, naming, str(out), int(cfg.shard_size)) for block in todo]
     bar = tqdm(total=len(todo), unit="shard", disable=not cfg.progress, desc="ingest")
-    for _, samples, rejected in _map(write_block, work, int(cfg.workers), [b.cost for b in todo]):
+    for _, samples, rejected in map_blocks(
+        write_block, work, int(cfg.workers), [b.cost for b in todo]
+    ):
         for rejection in rejected:
             logger.warning("rejected %s: %s", rejection["source"], rejection["reason"])
         bar.update(1)
@@ -555,7 +559,7 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
     bar.close()
     if task is not None:
         done = [read_done(parts, b.index) or {} for b in mine]
-        summary = _counts(done, started) | {"task": task[0], "tasks": task[1]}
+        summary = counts(done, started) | {"task": task[0], "tasks": task[1]}
     else:
         record = provenance(cfg, site=naming.site)  # inputs are raw files: no manifest to hash
         summary = _merge(out, blocks, [naming.shown(u.base) for u in units], started, record)
@@ -564,7 +568,7 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
     return summary
 
 
-def _map(fn: Callable, work: list, workers: int, costs: list[int]) -> Iterator:
+def map_blocks(fn: Callable, work: list, workers: int, costs: list[int]) -> Iterator:
     """fn over `work` in `workers` processes, costliest first (so no worker is left with the big
     blocks at the end) and in any order; each block writes its own shards and commit record, so
     nothing serialises on one writer. One worker: in order, in this process."""
@@ -578,7 +582,7 @@ def _map(fn: Callable, work: list, workers: int, costs: list[int]) -> Iterator:
         yield from pool.imap_unordered(fn, [work[i] for i in order])
 
 
-def _counts(done: list[dict], started: float) -> dict[str, Any]:
+def counts(done: list[dict], started: float) -> dict[str, Any]:
     return dict(
         ingested=sum(len(d.get("records", [])) for d in done),
         rejected=sum(len(d.get("rejected", [])) for d in done),
@@ -595,12 +599,12 @@ def _merge(
     missing = [b.index for b, d in zip(blocks, done) if d is None]
     if missing:  # a block that failed after its work was planned (e.g. its disk went away)
         raise IngestError(f"{out}: block(s) {missing[:10]} not committed; run the command again")
-    atomic_write(out / "manifest.jsonl", "".join(_jsonl(d["records"]) for d in done))
+    atomic_write(out / "manifest.jsonl", "".join(jsonl(d["records"]) for d in done))
     reasons = {r["source"]: r["reason"] for d in done for r in d["rejected"]}
     ordered = list(dict.fromkeys(name for name in names if name in reasons))
     rejected = [{"source": name, "reason": reasons[name]} for name in ordered]
-    atomic_write(out / "rejected.jsonl", _jsonl(rejected))
-    summary = _counts(done, started) | {"rejected": len(rejected), "provenance": record}
+    atomic_write(out / "rejected.jsonl", jsonl(rejected))
+    summary = counts(done, started) | {"rejected": len(rejected), "provenance": record}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -11,6 +11,7 @@ rank 0 runs the protocols and writes the outputs.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import logging
 import os
@@ -47,6 +48,16 @@ from pretrain.trackers import Trackers, wandb_available
 logger = logging.getLogger("eval")
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def _raw_pixel_config(cfg: DictConfig) -> DictConfig:
+    """The raw-pixel baseline has one feature vector per image: a backbone feature variant
+    (knn.features=n4+avgpool, ...) chosen for the backbone means pixels (`auto`) there."""
+    raw = copy.deepcopy(cfg)
+    for section in raw.values():
+        if isinstance(section, DictConfig) and "features" in section:
+            section.features = "auto"
+    return raw
 
 
 def _protocol_names(protocol: str, cfg: DictConfig) -> list[str]:
@@ -158,7 +169,7 @@ def run_eval(
         if raw_names and backbone != RAW_BACKBONE:
             start = time.perf_counter()
             raw_ctx = EvalContext.from_specs(
-                cfg,
+                _raw_pixel_config(cfg),
                 _extractor(RAW_BACKBONE, cfg, cache_dir),
                 train=train,
                 test=test,

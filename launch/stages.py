@@ -18,7 +18,6 @@ from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
 from launch.results import gather_eval_table
 from launch.submit import PlannedJob
-from pretrain.privacy import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,8 @@ def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[P
 
     The SRC paths (folders named after patients, often) go into a private arguments file,
     OUT/private/launch-ingest.args (mode 0600, or under private_dir=), which argparse reads;
-    the job, its submitit pickle and the launch records name only that file."""
+    the job, its submitit pickle and the launch records name only that file. The file is
+    written when the plan is submitted (`PlannedJob.private_files`), not while planning."""
     refuse_salt_argument(stage_args)
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--array", type=int, default=0)
@@ -83,7 +83,7 @@ def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[P
     private = dict(o.split("=", 1) for o in _split(stage_args)[0]).get("private_dir")
     args_file = (Path(private) if private else out / "private") / "launch-ingest.args"
     absolute = [_resolve_arg(a) for a in stage_args]  # the job may start in another folder
-    write_private(args_file.resolve(), "".join(f"{a}\n" for a in absolute))
+    private_files = {args_file.resolve(): "".join(f"{a}\n" for a in absolute)}
     argv = ["ingest", f"@{args_file.resolve()}"]
     plan = []
     if known.array:
@@ -100,7 +100,9 @@ def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[P
         ]
         plan.append(PlannedJob("ingest-tasks", tasks, array=True))
     after = ["ingest-tasks"] if known.array else []
-    plan.append(PlannedJob("ingest", [_job("ingest", "curation", argv, out, opts)], after=after))
+    ingest = PlannedJob("ingest", [_job("ingest", "curation", argv, out, opts)], after=after)
+    plan.append(ingest)
+    plan[0].private_files = private_files
     return plan, out
 
 

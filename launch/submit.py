@@ -20,6 +20,7 @@ from typing import Any
 import submitit
 
 from launch.cluster import ClusterOptions, LaunchError, job_ids, make_executor, wait_for
+from pretrain.privacy import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class PlannedJob:
     tasks_per_node: int = 1
     nodes: int = 1
     array: bool = False  # an array even with one element (curation groups, eval cells)
+    # written (mode 0600) when the plan is submitted, so a plan refused later leaves no files
+    private_files: dict[Path, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +75,9 @@ def submit_plan(
     names = [p.name for p in plan]
     if len(set(names)) != len(names):
         raise LaunchError(f"duplicate job names in plan: {names}")
+    for planned in plan:
+        for path, text in planned.private_files.items():
+            write_private(path, text)
     done: dict[str, Submitted] = {}
     sequential = opts.cluster != "slurm"
     for planned in plan:

@@ -340,3 +340,22 @@ def test_auto_features_are_what_the_exported_backbone_outputs(medssl_data, tmp_p
     assert FeatureExtractor(str(export), cache_dir=tmp_path / "cache")(spec).resolve("auto") == (
         features.resolve("auto")
     )
+
+
+def test_a_backbone_feature_variant_leaves_the_raw_baseline_on_pixels(
+    export, medssl_data, tmp_path
+):
+    """knn.features=n1+avgpool names the backbone's tokens; the raw baseline beside it (which has
+    no tokens) still runs on pixels and gives the issue's raw number."""
+    npz = medssl_data / "breastmnist.npz"
+    cfg = load_config(DEFAULT_CONFIG, None, ["knn.features=n1+avgpool", "embedding.method=pca"])
+    doc = run_eval(
+        "knn",
+        backbone=str(export),
+        train=f"{npz}:train",
+        test=f"{npz}:test",
+        out=tmp_path / "out",
+        cfg=cfg,
+    )
+    raw = doc["baselines"]["raw"]["protocols"]["knn"]["settings"]["k=20"]
+    assert raw["accuracy"] == pytest.approx(_raw_reference()["breastmnist"]["accuracy"], abs=0.035)

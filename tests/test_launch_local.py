@@ -236,6 +236,8 @@ def test_debug_cluster_runs_the_stage_in_this_process(tmp_path, medssl_data, cap
     assert (
         len((out / "manifest.jsonl").read_text().splitlines()) == 3
     )  # ihc, retina, microaneurysms
+    args_file = out / "private" / "launch-ingest.args"  # written at submission, owner-only
+    assert oct(args_file.stat().st_mode)[-3:] == "600"
 
 
 def test_ingest_array_then_merge_equals_one_ingest(tmp_path, medssl_data, capsys):
@@ -360,11 +362,10 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
     ]
     ingest, pretrain = plan[0].calls[0], plan[1].calls[0]
     # The SRC paths travel in a private argument file, never in the job's argv or records.
+    # Written when the plan is submitted: planning (which may still refuse) leaves no files.
     args_file = out / "shards" / "private" / "launch-ingest.args"
-    assert (
-        ingest.argv == ["ingest", f"@{args_file}"] and oct(args_file.stat().st_mode)[-3:] == "600"
-    )
-    assert args_file.read_text().split("\n")[:-1] == [
+    assert ingest.argv == ["ingest", f"@{args_file}"] and not args_file.exists()
+    assert plan[0].private_files[args_file].split("\n")[:-1] == [
         "src1",
         "src2",
         "--out",
@@ -388,7 +389,7 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
             [
                 "s",
                 "--out",
-                "o",
+                str(tmp_path / "refused"),
                 "--pretrain-config",
                 str(recipe),
                 "--eval-train",
@@ -405,7 +406,7 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
             [
                 "s",
                 "--out",
-                "o",
+                str(tmp_path / "refused"),
                 "--pretrain-config",
                 str(recipe),
                 "--eval-train",
@@ -417,6 +418,7 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
             ],
             opts,
         )
+    assert not (tmp_path / "refused").exists()  # a refused plan wrote nothing
 
 
 def _curation_pool(medssl_data: Path, root: Path) -> tuple[Path, dict[str, str]]:
