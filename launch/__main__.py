@@ -1,6 +1,6 @@
 """`python -m launch STAGE [stage arguments] --cluster local|slurm|debug [resources]`.
 
-STAGE: ingest | curate | pretrain | eval | pipeline. Stage arguments are those of the stage's own
+STAGE: ingest | tile | curate | pretrain | eval | pipeline. Stage arguments are those of the stage's own
 CLI (`python -m curation ingest ...`, `python -m pretrain ...`, ...); see each plan_* in
 launch/stages.py and launch/pipeline.py for what the launcher adds. On SLURM the jobs are queued and
 their ids printed (add --wait to follow them); local and debug run them here and wait.
@@ -22,7 +22,7 @@ from launch.submit import submit_plan
 
 logger = logging.getLogger("launch")
 
-STAGES = ("ingest", "curate", "pretrain", "eval", "pipeline")
+STAGES = ("ingest", "tile", "curate", "pretrain", "eval", "pipeline")
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
@@ -51,8 +51,8 @@ def plan_stage(stage: str, stage_args: list[str], args: argparse.Namespace):
 
     # Options depend on OUT (the submitit folder lives in it): a first pass with a neutral OUT.
     probe = options_from_args(args, Path("."))
-    if stage == "ingest":
-        plan, out = stages.plan_ingest(stage_args, probe)
+    if stage in ("ingest", "tile"):
+        plan, out = stages.plan_ingest(stage_args, probe, command=stage)
     elif stage == "pretrain":
         plan, out = stages.plan_pretrain(stage_args, probe)
     elif stage == "eval":
@@ -69,10 +69,13 @@ def plan_stage(stage: str, stage_args: list[str], args: argparse.Namespace):
 
 
 def public_command(stage: str, argv: Sequence[str]) -> str:
-    """The command as launch records keep it: ingest and pipeline take raw input paths, which
-    can name patients, so their arguments stay in the private arguments file instead."""
-    if stage in ("ingest", "pipeline"):
-        return f"python -m launch {stage} (arguments in the ingest's private/launch-ingest.args)"
+    """The command as launch records keep it: ingest, tile and pipeline take raw input paths,
+    which can name patients, so their arguments stay in the private arguments file instead."""
+    if stage in ("ingest", "tile", "pipeline"):
+        command = "tile" if stage == "tile" else "ingest"
+        return (
+            f"python -m launch {stage} (arguments in the {command}'s private/launch-{command}.args)"
+        )
     return "python -m launch " + shlex.join(argv)
 
 

@@ -59,13 +59,16 @@ def refuse_salt_argument(args: Sequence[str]) -> None:
         )
 
 
-def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[PlannedJob], Path]:
-    """One job `python -m curation ingest @ARGS_FILE` (a re-run resumes), or with `--array N` an
-    array of N tasks (`... --task I --tasks N`, each writing its own slice of the shards) and then
-    that job, which finds nothing left to do and merges the manifest (afterok on the array).
+def plan_ingest(
+    stage_args: Sequence[str], opts: ClusterOptions, command: str = "ingest"
+) -> tuple[list[PlannedJob], Path]:
+    """One job `python -m curation COMMAND @ARGS_FILE` (a re-run resumes), or with `--array N`
+    an array of N tasks (`... --task I --tasks N`, each writing its own slice of the shards) and
+    then that job, which finds nothing left to do and merges the manifest (afterok on the array).
+    COMMAND: ingest (raw images) or tile (whole-slide images, an array task per slide range).
 
     The SRC paths (folders named after patients, often) go into a private arguments file,
-    OUT/private/launch-ingest.args (mode 0600, or under private_dir=), which argparse reads;
+    OUT/private/launch-COMMAND.args (mode 0600, or under private_dir=), which argparse reads;
     the job, its submitit pickle and the launch records name only that file. The file is
     written when the plan is submitted (`PlannedJob.private_files`), not while planning."""
     refuse_salt_argument(stage_args)
@@ -76,21 +79,21 @@ def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[P
         out = ingest_out(stage_args)
     except SystemExit as exc:
         raise LaunchError(
-            "ingest needs --out DIR (python -m curation ingest SRC... --out DIR [--array N])"
+            f"{command} needs --out DIR (python -m curation {command} SRC... --out DIR [--array N])"
         ) from exc
     if known.array < 0:
         raise LaunchError(f"--array must be >= 1, got {known.array}")
     private = dict(o.split("=", 1) for o in _split(stage_args)[0]).get("private_dir")
-    args_file = (Path(private) if private else out / "private") / "launch-ingest.args"
+    args_file = (Path(private) if private else out / "private") / f"launch-{command}.args"
     absolute = [_resolve_arg(a) for a in stage_args]  # the job may start in another folder
     private_files = {args_file.resolve(): "".join(f"{a}\n" for a in absolute)}
-    argv = ["ingest", f"@{args_file.resolve()}"]
+    argv = [command, f"@{args_file.resolve()}"]
     plan = []
     if known.array:
         n = known.array
         tasks = [
             _job(
-                f"ingest-{i:04d}",
+                f"{command}-{i:04d}",
                 "curation",
                 [*argv, "--task", str(i), "--tasks", str(n)],
                 out,
@@ -98,10 +101,9 @@ def plan_ingest(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list[P
             )
             for i in range(n)
         ]
-        plan.append(PlannedJob("ingest-tasks", tasks, array=True))
-    after = ["ingest-tasks"] if known.array else []
-    ingest = PlannedJob("ingest", [_job("ingest", "curation", argv, out, opts)], after=after)
-    plan.append(ingest)
+        plan.append(PlannedJob(f"{command}-tasks", tasks, array=True))
+    after = [f"{command}-tasks"] if known.array else []
+    plan.append(PlannedJob(command, [_job(command, "curation", argv, out, opts)], after=after))
     plan[0].private_files = private_files
     return plan, out
 

@@ -233,3 +233,27 @@ def test_pen_and_blur_checks_on_a_tile(medssl_data):
     assert check_tile(inked, 1.0, qc) == "pen"
     assert check_tile(blurred(tile, 4), 1.0, qc) == "blur"
     assert check_tile(tile, 0.3, qc) == "tissue"
+
+
+def test_launch_tile_array_gives_the_same_tiles(slide_folder, tmp_path, capsys):
+    """`launch tile ... --array 2` (two tasks over the slides, then the merging job) writes what
+    one `curation tile` run writes; the slide paths stay in the private arguments file."""
+    from launch.__main__ import main as launch_main
+
+    one = tmp_path / "one"
+    assert curation_main(["tile", str(slide_folder), "--out", str(one), "progress=false"]) == 0
+    out = tmp_path / "arr"
+    argv = ["tile", str(slide_folder), "--out", str(out), "progress=false", "--array", "2"]
+    assert launch_main([*argv, "--cluster", "local", "--wait"]) == 0, capsys.readouterr().err
+    for name in ("manifest.jsonl", "rejected.jsonl"):
+        assert (out / name).read_bytes() == (one / name).read_bytes(), name
+
+    def slides(folder: Path) -> list[dict]:
+        lines = (folder / "slides.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+    assert slides(out) == slides(one)
+    queued = [json.loads(x) for x in (out / "launch" / "jobs.jsonl").read_text().splitlines()]
+    assert [q["name"] for q in queued] == ["tile-tasks", "tile"]
+    assert str(slide_folder) not in (out / "launch" / "jobs.jsonl").read_text()
+    assert oct((out / "private" / "launch-tile.args").stat().st_mode)[-3:] == "600"
