@@ -258,6 +258,11 @@ def _init_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mil"]:  # bag-level evaluation has its own arguments (eval/mil.py)
+        from eval.mil import main as mil_main
+
+        return mil_main(argv[1:])
     registry = discover()
     parser = argparse.ArgumentParser(
         prog="python -m eval",
@@ -265,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         "few-shot and label efficiency, with medical metrics and bootstrap CIs; adapt it: full "
         "fine-tuning, LoRA, AdaptFormer, bottleneck adapters, prompt tuning.",
     )
-    parser.add_argument("protocol", help=f"all | {' | '.join(sorted(registry))}")
+    parser.add_argument(
+        "protocol", help=f"all | {' | '.join(sorted(registry))} | mil (see python -m eval mil -h)"
+    )
     parser.add_argument(
         "--backbone",
         required=True,

@@ -1,0 +1,149 @@
+"""`python -m eval mil` (eval/mil.py): bags, the gated-attention head, and the CLI on
+PneumoniaMNIST bags and on the slides of a `curation tile` run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.__main__ import main as eval_main
+from eval.mil import GatedAttentionMIL, synthetic_bags
+from pretrain.backbones import build_backbone, export_backbone
+
+
+def test_gated_attention_by_hand():
+    torch.manual_seed(0)
+    head = GatedAttentionMIL(dim=3, hidden=2, num_classes=2, dropout=0.0).eval()
+    h = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    logits, attention = head(h)
+    V, U, w = head.V, head.U, head.w
+    scores = []
+    for row in h:
+        gate = torch.tanh(V.weight @ row + V.bias) * torch.sigmoid(U.weight @ row + U.bias)
+        scores.append(float((w.weight[0] @ gate + w.bias[0]).detach()))
+    expected = np.exp(scores) / np.exp(scores).sum()
+    np.testing.assert_allclose(attention.detach().numpy(), expected, rtol=1e-5)
+    pooled = (torch.from_numpy(expected).float()[:, None] * h).sum(0)
+    np.testing.assert_allclose(
+        logits.detach().numpy(),
+        (head.classifier.weight @ pooled + head.classifier.bias).detach().numpy(),
+        rtol=1e-5,
+    )
+
+
+def test_synthetic_bags_follow_the_mnist_bags_protocol():
+    labels = np.array([0] * 300 + [1] * 100 + [2] * 50)
+    bags = synthetic_bags(
+        labels, n_bags=40, bag_size=(10, 30), positives=(1, 3), positive_class=1, seed=3
+    )
+    assert len(bags) == 40 and bags.labels.sum() == 20
+    for rows, marks, y in zip(bags.rows, bags.positives, bags.labels):
+        assert 10 <= len(rows) <= 30 and len(set(rows.tolist())) == len(rows)
+        np.testing.assert_array_equal(labels[rows] == 1, marks)  # marks are the truth
+        assert (1 <= marks.sum() <= 3) if y == 1 else marks.sum() == 0
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = build_backbone({"arch": "vit_tiny", "patch_size": 7, "img_size": 28, "in_chans": 1})
+    return export_backbone(model, tmp_path_factory.mktemp("mil") / "export")
+
+
+def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
+    npz = medssl_data / "pneumoniamnist.npz"
+    out = tmp_path / "mil"
+    code = eval_main(
+        [
+            "mil",
+            "--backbone",
+            str(export),
+            "--bags",
+            f"{npz}:val",
+            "--test-bags",
+            f"{npz}:test",
+            "--out",
+            str(out),
+            "synthetic.n_bags=40",
+            "abmil.epochs=5",
+            "prompt_mil.epochs=1",
+            "bootstrap.resamples=50",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "metrics.json").read_text())
+    assert set(doc["methods"]) == {"mean_pool", "abmil", "prompt_mil"}
+    for m in doc["methods"].values():
+        assert 0.0 <= m["auroc"] <= 1.0 and len(m["auroc_ci95"]) == 2 and m["n"] == 40
+    prompt = doc["methods"]["prompt_mil"]
+    backbone_params = sum(
+        p.numel()
+        for p in build_backbone(
+            {"arch": "vit_tiny", "patch_size": 7, "img_size": 28, "in_chans": 1}
+        ).parameters()
+    )
+    # Prompt-MIL trains 4 prompt tokens and the gated-attention head: under 1 % of the ViT
+    assert prompt["trainable_params"] == 4 * 192 + (192 * 128 + 128) * 2 + 129 + 192 * 2 + 2
+    assert prompt["trainable_params"] / backbone_params < 0.01
+    assert doc["bags"]["protocol"] == "train/test" and (out / "auroc.png").is_file()
+    assert "| abmil |" in (out / "report.md").read_text()
+
+
+def test_mil_refuses_bad_input_before_work(export, medssl_data, tmp_path, capsys):
+    npz = medssl_data / "pneumoniamnist.npz"
+    base = ["mil", "--backbone", str(export), "--bags", f"{npz}:val", "--out"]
+    assert eval_main([*base, str(tmp_path / "a"), "methods=[maxpool]"]) == 2
+    assert "unknown MIL method" in capsys.readouterr().err
+    assert eval_main([*base, str(tmp_path / "b"), "folds=1"]) == 2
+    assert "folds must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_mil_on_slides_of_a_tile_run(export, medssl_data, tmp_path, capsys):
+    """Four slides tiled by `curation tile`, labelled by file name in a CSV: bags are slides,
+    2-fold CV by patient, attention heatmaps over the thumbnails; no slide name in the outputs."""
+    from curation.__main__ import main as curation_main
+    from tests.slides import blank_slide, tissue_texture, write_pyramid
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    texture = tissue_texture(medssl_data, 1024, 1536)
+    for i in range(4):
+        level0 = blank_slide(1024, 1536, seed=i)
+        level0[256:768, 256 + 64 * i : 1280 + 64 * i - 256] = texture[256:768, 256:1024]
+        write_pyramid(slides / f"CASE-SMITH-{i}.tif", level0, 0.5, (1, 4))
+    tiles = tmp_path / "tiles"
+    args = ["tile", str(slides), "--out", str(tiles), "mpp=0.5", "progress=false"]
+    assert curation_main([*args, "tissue.mask_downsample=16"]) == 0, capsys.readouterr().err
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"CASE-SMITH-{i}.tif,{i % 2}\n" for i in range(4)))
+    out = tmp_path / "mil"
+    code = eval_main(
+        [
+            "mil",
+            "--backbone",
+            str(export),
+            "--bags",
+            str(tiles),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "folds=2",
+            "abmil.epochs=2",
+            "prompt_mil.epochs=1",
+            "bootstrap.resamples=20",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["bags"]["test"] == 4 and doc["bags"]["protocol"] == "2-fold CV by patient"
+    assert all(m["n"] == 4 for m in doc["methods"].values())
+    heatmaps = sorted((out / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == 4
+    for f in [out / "metrics.json", out / "report.md", *heatmaps]:
+        assert b"SMITH" not in f.read_bytes()
