@@ -100,10 +100,14 @@ def decontaminate(
                     found.add(i, "exact", name, rec["key"], 1.0)
         if cfg.patients:
             patients = {r["patient"]: r["key"] for r in records if r.get("patient")}
+            slides = {r["slide"]: r["key"] for r in records if r.get("slide")}
             for i in active:
                 p = pool_records[i].get("patient")
                 if p and p in patients:
                     found.add(int(i), "patient", name, patients[p])
+                slide = pool_records[i].get("slide")  # every tile of an eval slide goes
+                if slide and slide in slides:
+                    found.add(int(i), "slide", name, slides[slide])
         found.pairs.append(set_pairs)
         hit = set_pairs.copies(float(cfg.threshold), float(cfg.local_threshold))
         for a, b, s in zip(set_pairs.a[hit], set_pairs.b[hit], set_pairs.ncc[hit]):

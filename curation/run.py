@@ -353,12 +353,17 @@ def _run_steps(
         edge = (ncc >= d.threshold) & (local >= d.local_threshold)
         keep_c, groups = components(n, a[edge], b[edge], rank)
         keep = keep_exact & keep_c
+        slide_of = [r.get("slide") for r in pool.records]
         summary = {
             "in": int(keep_exact.sum()),
             "out": int(keep.sum()),
             "candidate_pairs": int(len(a)),
             "edges": int(edge.sum()),
             "groups": len(groups),
+            # tiles of several slides in one group: a slide scanned twice, or cut from one block
+            "groups_across_slides": sum(
+                len({slide_of[i] for i in g}) > 1 for g in groups if slide_of[g[0]] is not None
+            ),
             "threshold": d.threshold,
             "local_threshold": d.local_threshold,
             "tasks": tasks,
@@ -534,6 +539,11 @@ def _select(
     else:
         candidates = active
         reasons = {int(i): {"reason": "kept"} for i in active}
+    candidates, capped = cap_per_slide(
+        candidates, [r.get("slide") for r in pool.records], cfg.sample.per_slide_max, int(cfg.seed)
+    )
+    if capped:
+        info["dropped_by_per_slide_max"] = capped
     target = cfg.sample.target_size
     cand_emb = (
         normalize_rows(np.asarray(pool.embeddings[candidates])) if len(candidates) else emb[:0]
@@ -579,6 +589,26 @@ def _select(
         "candidate_leaf": leaf,
     }
     return arrays, summary, data
+
+
+def cap_per_slide(
+    rows: np.ndarray, slide_of: list[str | None], limit: int | None, seed: int
+) -> tuple[np.ndarray, int]:
+    """At most `limit` rows per slide (a random, reproducible subset; UNI kept ~800 tiles of
+    each slide), so a few large slides do not dominate. Rows without a slide are kept."""
+    if limit is None:
+        return rows, 0
+    rng = np.random.default_rng(seed)
+    by_slide: dict[str, list[int]] = {}
+    for r in rows.tolist():
+        if slide_of[r] is not None:
+            by_slide.setdefault(slide_of[r], []).append(r)
+    dropped: set[int] = set()
+    for members in by_slide.values():
+        if len(members) > limit:
+            dropped.update(rng.permutation(members)[limit:].tolist())
+    kept = np.asarray([r for r in rows.tolist() if r not in dropped], dtype=np.int64)
+    return kept, len(dropped)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -648,6 +678,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cfg.balance.kmeans not in KMEANS:
         raise ConfigError(f"balance.kmeans must be one of {KMEANS}, got {cfg.balance.kmeans!r}")
+    if cfg.sample.per_slide_max is not None and int(cfg.sample.per_slide_max) < 1:
+        raise ConfigError(
+            f"sample.per_slide_max must be >= 1 or null, got {cfg.sample.per_slide_max}"
+        )
     stop_after = "embed" if args.step == "embed" else args.stop_after
     summary = run_ranked(cfg, stop_after=stop_after, after_embed=args.step == "global")
     if summary:

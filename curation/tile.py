@@ -107,10 +107,17 @@ def plan_slides(cfg: DictConfig, exclude: Path | None = None) -> list[SlideUnit]
             found.append((base, str(path), why))
     units: list[SlideUnit] = []
     seen: set[str] = set()
+    names: dict[str, str] = {}
     for base, path, why in found:
         if base in seen:
             continue
         seen.add(base)
+        other = names.setdefault(Path(path).name, base)
+        if other != base:  # the file name is the slide's identity across runs
+            raise TileError(
+                "two slides have the same file name in different folders; a slide is known "
+                "by its file name (its key must match in every run, e.g. of an eval set)"
+            )
         patient = None
         if patients is not None and not why:
             patient = patients.get(Path(path).name) or patients.get(base)
@@ -194,12 +201,18 @@ def low_resolution(slide: Slide, downsample: float) -> tuple[np.ndarray, float]:
     return np.concatenate(rows, axis=0), level_ds * factor
 
 
+def slide_key(unit: SlideUnit, naming: ingest.Naming) -> str:
+    """The slide's pseudonym, from its file name: the same in every run and folder layout, so
+    an eval set tiled on its own matches the pool's tiles of that slide."""
+    return naming.key("slide:" + Path(unit.path).name)
+
+
 def _tile_record(
     tile: np.ndarray, unit: SlideUnit, naming: ingest.Naming, meta: dict[str, Any]
 ) -> dict:
     source = f"{unit.base}@{meta['x']},{meta['y']}"
     key = naming.key(source)
-    slide = naming.key(unit.base)
+    slide = slide_key(unit, naming)
     patient = naming.site.patient(unit.patient) if unit.patient is not None else slide
     record = {
         "key": key,
@@ -272,11 +285,11 @@ def tile_slide(
             emit(_tile_record(tile, unit, naming, meta))
             kept += 1
         summary = {
-            "slide": naming.key(unit.base),
+            "slide": slide_key(unit, naming),
             "source": naming.shown(unit.base),
             "patient": naming.site.patient(unit.patient)
             if unit.patient is not None
-            else naming.key(unit.base),
+            else slide_key(unit, naming),
             "backend": slide.backend,
             "levels": slide.level_count,
             "width": width,
@@ -482,7 +495,15 @@ def tile(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, Any]
     private = Path(cfg.private_dir) if cfg.private_dir else out / "private"
     private_jsonl(
         private / "sources.jsonl",
-        [{"input": naming.key(u.base), "source": u.base, "path": u.path} for u in units],
+        [
+            {
+                "input": naming.key(u.base),
+                "slide": slide_key(u, naming),
+                "source": u.base,
+                "path": u.path,
+            }
+            for u in units
+        ],
     )
     mine = [units[i] for i in _task_slice(len(units), task)]
     todo = [u for u in mine if ingest.needs_work(ingest.read_done(parts, u.index))]

@@ -125,8 +125,9 @@ def _slide_labels(path: Path, tiles_dir: Path) -> dict[str, int]:
     if private.is_file():
         for line in private.read_text().splitlines():
             entry = json.loads(line)
+            slide = entry.get("slide", entry["input"])
             for alias in (Path(entry["path"]).name, entry["source"], entry["input"]):
-                names[alias] = entry["input"]
+                names[alias] = slide
     out: dict[str, int] = {}
     for row in rows:
         slide = row["slide"].strip()

@@ -257,3 +257,38 @@ def test_launch_tile_array_gives_the_same_tiles(slide_folder, tmp_path, capsys):
     assert [q["name"] for q in queued] == ["tile-tasks", "tile"]
     assert str(slide_folder) not in (out / "launch" / "jobs.jsonl").read_text()
     assert oct((out / "private" / "launch-tile.args").stat().st_mode)[-3:] == "600"
+
+
+def test_slide_aware_curation_caps_tiles_per_slide_and_drops_eval_slides(
+    slide_folder, tmp_path, capsys
+):
+    """An eval slide tiled on its own (other tiles: tile_size 128) has the pool's slide key, so
+    decontamination removes every pool tile of it; sample.per_slide_max caps the others."""
+    from curation.run import main as run_main
+
+    pool, held_out = tmp_path / "pool", tmp_path / "eval"
+    assert curation_main(["tile", str(slide_folder), "--out", str(pool), "progress=false"]) == 0
+    eval_slide = slide_folder / "c_ome.ome.tif"
+    args = ["tile", str(eval_slide), "--out", str(held_out), "tile_size=128", "progress=false"]
+    assert curation_main(args) == 0
+    eval_key = _manifest(held_out)[0]["slide"]
+    pool_records = _manifest(pool)
+    assert sum(r["slide"] == eval_key for r in pool_records) == 4  # the same slide, same key
+    assert not {r["sha256"] for r in pool_records} & {r["sha256"] for r in _manifest(held_out)}
+    out = tmp_path / "curated"
+    code = run_main(
+        [
+            f"pool={pool}",
+            f"output_dir={out}",
+            f"eval_sets=[{held_out}]",
+            "sample.per_slide_max=3",
+            "progress=false",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    curated = [json.loads(x) for x in (out / "curated" / "manifest.jsonl").read_text().splitlines()]
+    assert curated and all(r["slide"] != eval_key for r in curated)
+    counts = {}
+    for r in curated:
+        counts[r["slide"]] = counts.get(r["slide"], 0) + 1
+    assert max(counts.values()) <= 3
