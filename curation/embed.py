@@ -74,10 +74,16 @@ class Encoder:
 
 class BackboneEncoder(Encoder):
     def __init__(
-        self, backbone: str, weights: str | None, img_size: int | None, channels: Any, device: str
+        self,
+        backbone: str,
+        weights: str | None,
+        img_size: int | None,
+        channels: Any,
+        device: str,
+        stain: tuple[str, str | None] | None = None,
     ):
         from pretrain.init_from import open_backbone
-        from pretrain.transforms import default_mean_std, eval_transform
+        from pretrain.transforms import default_mean_std, eval_transform, stain_transform
 
         try:
             self.model, meta = open_backbone(backbone, weights)
@@ -97,6 +103,14 @@ class BackboneEncoder(Encoder):
         if mean is None or std is None:
             mean, std = default_mean_std(chans)
         self.transform = eval_transform(size, chans, mean, std)
+        if stain is not None and stain[0]:  # H&E tiles: one staining before the backbone
+            try:
+                normalise = stain_transform(*stain)
+            except (OSError, ValueError) as exc:
+                raise EmbedError(f"embed.stain_norm: {exc}") from exc
+            from torchvision.transforms import v2
+
+            self.transform = v2.Compose([normalise, self.transform])
         self.name = f"backbone:{backbone}"
         with torch.no_grad():
             probe = self.transform(torch.rand(1, size, size))[None].to(self.device)
@@ -124,7 +138,10 @@ def make_encoder(cfg: Any) -> Encoder:
     backbone = str(cfg.backbone)
     if backbone == "descriptor":
         return Encoder()
-    return BackboneEncoder(backbone, cfg.weights, cfg.img_size, cfg.channels, str(cfg.device))
+    stain = (cfg.stain_norm.method, cfg.stain_norm.reference)
+    return BackboneEncoder(
+        backbone, cfg.weights, cfg.img_size, cfg.channels, str(cfg.device), stain=stain
+    )
 
 
 class _Items(Dataset):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from eval.contamination import pretraining_overlap
-from eval.features import RAW_BACKBONE, FeatureError, FeatureExtractor
+from eval.features import RAW_BACKBONE, FeatureError, FeatureExtractor, stain_setting
 from eval.protocols import discover, get_protocol, thread_limit
 from eval.protocols.base import EvalContext, EvalError, ProtocolResult
 from eval.report import (
@@ -92,6 +92,7 @@ def _extractor(
         window=window,
         raw_img_size=cfg.raw_img_size,
         raw_center=bool(cfg.raw_center),
+        stain_norm=stain_setting(cfg),
     )
 
 

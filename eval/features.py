@@ -175,6 +175,29 @@ def raw_pixels(dataset: Dataset, img_size: int | None, desc: str = "raw pixels")
     return np.stack(rows).astype(np.float32)
 
 
+def stain_setting(cfg: Any) -> tuple[str, str] | None:
+    """(method, reference image) of the config's `stain_norm`, checked before any work; None
+    when off."""
+    from pretrain.transforms import STAIN_METHODS
+
+    method, reference = cfg.stain_norm.method, cfg.stain_norm.reference
+    if method is None:
+        return None
+    if method not in STAIN_METHODS:
+        raise FeatureError(
+            f"stain_norm.method must be one of {STAIN_METHODS} or null, got {method!r}"
+        )
+    if not reference or not Path(str(reference)).is_file():
+        raise FeatureError(
+            f"stain_norm.method={method} needs stain_norm.reference=IMAGE (an RGB tile file)"
+        )
+    return str(method), str(reference)
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 class FeatureExtractor:
     """Loads the backbone once; gives the (cached) FeatureSet of any dataset spec."""
 
@@ -191,6 +214,7 @@ class FeatureExtractor:
         window: Any = None,
         raw_img_size: int | None = None,
         raw_center: bool = True,
+        stain_norm: tuple[str, str] | None = None,
     ):
         self.backbone = str(backbone)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -221,6 +245,17 @@ class FeatureExtractor:
                 self.meta.get("mean"),
                 self.meta.get("std"),
             )
+            self.stain_norm = None
+            if stain_norm is not None:  # (method, reference image path): pathology tiles
+                from torchvision.transforms import v2
+
+                from pretrain.transforms import stain_transform
+
+                self.stain_norm = {
+                    "method": stain_norm[0],
+                    "reference_sha256": _sha256(stain_norm[1]),
+                }
+                self.transform = v2.Compose([stain_transform(*stain_norm), self.transform])
             self.fingerprint = backbone_fingerprint(self.model, self.meta)
             # what `model(x)` returns: timm ViTs exported with global_pool="avg" (MAE) pool patches
             pooled = getattr(self.model, "global_pool", None) == "avg"
@@ -250,6 +285,7 @@ class FeatureExtractor:
             "std": self.meta.get("std"),
             "window": self.window,
             "n_last_blocks": self.n_last_blocks,
+            "stain_norm": self.stain_norm,
         }
 
     def cache_key(self, spec: DatasetSpec) -> str:

@@ -38,7 +38,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from eval.features import FeatureError, FeatureExtractor
+from eval.features import FeatureError, FeatureExtractor, stain_setting
 from eval.featureset import FeatureSet
 from eval.metrics import evaluate
 from pretrain.backbones import BackboneError
@@ -461,6 +461,7 @@ def run_mil(
         raise MILError(
             "--backbone raw has no ViT for prompt_mil and no tokens to pool; give an export"
         )
+    stain = stain_setting(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache"
@@ -471,6 +472,7 @@ def run_mil(
         batch_size=int(cfg.batch_size),
         num_workers=int(cfg.num_workers),
         device=str(cfg.device),
+        stain_norm=stain,
     )
     if "prompt_mil" in cfg.methods and not hasattr(extractor.model, "blocks"):
         raise MILError("prompt_mil needs a ViT backbone; drop it from methods for this one")

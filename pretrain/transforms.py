@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
@@ -296,6 +297,76 @@ class SimCLRTransform:
 
     def __call__(self, img: torch.Tensor) -> list[torch.Tensor]:
         return [self.view(img), self.view(img)]
+
+
+STAIN_METHODS = ("macenko", "reinhard")
+
+
+class StainNormalize(torch.nn.Module):
+    """H&E stain normalisation to a reference image: Macenko (stain vectors by SVD of optical
+    density) or Reinhard (LAB mean/std), from torchstain's numpy backend. Takes and returns the
+    float C x H x W RGB tensors in [0, 1] that every transform here takes; a tile whose stains
+    cannot be estimated (too little tissue: Macenko's eigen-decomposition needs stained pixels)
+    passes through unchanged.
+
+    >>> norm = StainNormalize("reinhard", reference_rgb_uint8)  # doctest: +SKIP
+    >>> tile = norm(tile)                                        # doctest: +SKIP
+    """
+
+    def __init__(self, method: str, reference: np.ndarray):
+        super().__init__()
+        import torchstain
+
+        if method not in STAIN_METHODS:
+            raise ValueError(f"stain normalisation must be one of {STAIN_METHODS}, got {method!r}")
+        ref = np.asarray(reference)
+        if ref.ndim != 3 or ref.shape[2] != 3 or ref.dtype != np.uint8:
+            raise ValueError("the stain reference must be an RGB uint8 image")
+        self.method = method
+        if method == "macenko":
+            self._norm = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+        else:
+            self._norm = torchstain.normalizers.ReinhardNormalizer(backend="numpy")
+        self._norm.fit(ref)
+        self.failures = 0
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[0] != 3:
+            return img  # stains are an RGB notion
+        rgb = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        import warnings
+
+        try:
+            # 0/0 (a flat tile's zero standard deviation) raises instead of giving NaN pixels
+            with np.errstate(divide="raise", invalid="raise"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                if self.method == "macenko":
+                    out, _, _ = self._norm.normalize(I=rgb, stains=False)
+                else:
+                    out = self._norm.normalize(rgb)
+            out = np.asarray(out, dtype=np.float32)
+            if not np.isfinite(out).all():
+                raise ValueError("non-finite result")
+        except (np.linalg.LinAlgError, ValueError, IndexError, FloatingPointError):
+            self.failures += 1
+            return img
+        out = np.clip(out, 0, 255)
+        return torch.from_numpy(out / 255.0).permute(2, 0, 1).contiguous()
+
+
+def stain_transform(method: str | None, reference_path: str | None) -> StainNormalize | None:
+    """The StainNormalize of a config (`stain_norm.method`, `stain_norm.reference`), or None."""
+    if not method:
+        return None
+    if not reference_path:
+        raise ValueError(
+            f"stain_norm.method={method} needs stain_norm.reference=IMAGE (an RGB tile)"
+        )
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(reference_path) as im:
+        return StainNormalize(method, np.asarray(im.convert("RGB")))
 
 
 def eval_transform(
