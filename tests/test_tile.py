@@ -292,3 +292,28 @@ def test_slide_aware_curation_caps_tiles_per_slide_and_drops_eval_slides(
     for r in curated:
         counts[r["slide"]] = counts.get(r["slide"], 0) + 1
     assert max(counts.values()) <= 3
+
+
+def test_pathology_cpu_recipe_trains_on_tiles(slide_folder, tmp_path, capsys):
+    """slides -> tiles -> `python -m pretrain` with the pathology CPU recipe -> a timm export."""
+    import timm
+    import torch
+
+    from pretrain.__main__ import main as pretrain_main
+
+    tiles = tmp_path / "tiles"
+    assert curation_main(["tile", str(slide_folder), "--out", str(tiles), "progress=false"]) == 0
+    run = tmp_path / "run"
+    args = [
+        "--config",
+        "pretrain/configs/dinov2_pathology_cpu.yaml",
+        f"data.train={tiles}",
+        f"output_dir={run}",
+        "optim.max_steps=2",
+        "data.batch_size=4",
+        "train.progress=false",
+    ]
+    assert pretrain_main(args) == 0, capsys.readouterr().err
+    model = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 192)
