@@ -7,8 +7,8 @@ level (curation/tissue.py, CLAM's segmentation), a grid of `tile_size` tiles at 
 each tile read from the finest level not finer than needed and resampled (Lanczos) when no level
 has the exact scale, then the quality checks (tissue fraction, pen marks, blur), each counted.
 
-Output, as ingest's: shards of lossless RGB tiles whose records add `slide` (the slide's keyed
-pseudonym), `x`, `y` (level-0 pixels of the top-left corner), `mpp`, `tile_size`,
+Output, as ingest's: shards of lossless RGB tiles whose records add `slide` (the keyed pseudonym of
+the slide's file name: the same in every run), `x`, `y` (level-0 pixels of the top-left corner), `mpp`, `tile_size`,
 `tissue_fraction` and `level`; `patient` is the slide's pseudonym, or its patient's key when
 `patients_csv=` maps slides to patients (the key for leakage checks and patient-level splits);
 slides.jsonl (one summary line per slide), thumbnails/SLIDE.png (tissue mask and tiles drawn

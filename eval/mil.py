@@ -510,7 +510,7 @@ def run_mil(
             f.write(json.dumps({"method": method, **run["metrics"]}) + "\n")
     doc = {
         "task": "mil",
-        "backbone": {"spec": backbone, "fingerprint": extractor.fingerprint},
+        "backbone": {"fingerprint": extractor.fingerprint},  # paths only pseudonymised, below
         "bags": {
             "train": len(train_bags),
             "test": len(test_set),
