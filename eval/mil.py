@@ -14,7 +14,10 @@ MNIST-bags bag (Ilse et al. 2018: 10-30 images, a positive bag holds 1-3 images 
 - prompt_mil: Prompt-MIL (Zhang et al. 2023): VPT prompt tokens in the frozen ViT
   (eval/adapters.py) trained end to end with an ABMIL head, through the backbone on the images.
 
-Without --test-bags every method is scored out-of-fold over a patient-grouped stratified k-fold;
+abmil and prompt_mil keep the epoch of lowest loss on validation bags (CLAM's early stopping): a
+patient-grouped `val_fraction` of each fold's training slides, or, for MNIST-bags, bags drawn from
+held-out training images (training bags share images, so their validation bags must not).
+Without --test-bags (slides only) every method is scored out-of-fold over a patient-grouped stratified k-fold;
 AUROC, balanced accuracy, ... with percentile-bootstrap CIs over bags (by patient). Writes
 metrics.json, metrics.jsonl, report.md, auroc.png and, for slides, attention heatmaps over the
 tile run's thumbnails.
@@ -23,6 +26,7 @@ tile run's thumbnails.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -227,9 +231,24 @@ class _Standardise:
         return torch.from_numpy(((x - self.mean) / self.std).astype(np.float32))
 
 
+def _bag_loss(head: GatedAttentionMIL, inputs: list[torch.Tensor], labels: np.ndarray) -> float:
+    head.eval()
+    with torch.no_grad():
+        logits = torch.stack([head(x)[0] for x in inputs])
+    return float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
+
+
 def _train_abmil(
-    feats: np.ndarray, bags: Bags, train: np.ndarray, opts: DictConfig, num_classes: int, seed: int
-) -> tuple[GatedAttentionMIL, _Standardise]:
+    feats: np.ndarray,
+    bags: Bags,
+    train: np.ndarray,
+    validation: tuple[Bags, np.ndarray],
+    opts: DictConfig,
+    num_classes: int,
+    seed: int,
+) -> tuple[GatedAttentionMIL, _Standardise, int]:
+    """Gated ABMIL on cached features; with validation bags, the epoch of lowest validation loss
+    is kept (CLAM's early stopping). Returns (head, standardisation, epochs kept)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scale = _Standardise(feats[np.concatenate([bags.rows[b] for b in train])])
@@ -238,7 +257,10 @@ def _train_abmil(
         head.parameters(), lr=float(opts.lr), weight_decay=float(opts.weight_decay)
     )
     inputs = {b: scale(feats[bags.rows[b]]) for b in train}
-    for _ in range(int(opts.epochs)):
+    val_bags, val = validation
+    val_inputs = [scale(feats[val_bags.rows[b]]) for b in val]
+    best, best_state, kept = float("inf"), None, int(opts.epochs)
+    for epoch in range(int(opts.epochs)):
         head.train()
         for b in rng.permutation(train):
             logits, _ = head(inputs[b])
@@ -246,7 +268,13 @@ def _train_abmil(
             optim.zero_grad()
             loss.backward()
             optim.step()
-    return head.eval(), scale
+        if val_inputs:
+            loss = _bag_loss(head, val_inputs, val_bags.labels[val])
+            if loss < best:
+                best, best_state, kept = loss, copy.deepcopy(head.state_dict()), epoch + 1
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return head.eval(), scale, kept
 
 
 def _prompt_model(backbone: nn.Module, opts: DictConfig, num_classes: int, seed: int):
@@ -270,11 +298,14 @@ def _train_prompt_mil(
     dataset,
     bags: Bags,
     train: np.ndarray,
+    validation: tuple[Bags, np.ndarray],
     opts: DictConfig,
     num_classes: int,
     seed: int,
     device: torch.device,
 ):
+    """Prompts + ABMIL head trained through the frozen ViT; the epoch of lowest validation loss
+    is kept when validation bags are given. Returns (adapted ViT, head, epochs kept)."""
     adapted, head = _prompt_model(backbone, opts, num_classes, seed)
     adapted.to(device)
     head.to(device)
@@ -282,7 +313,9 @@ def _train_prompt_mil(
     optim = torch.optim.AdamW(params, lr=float(opts.lr), weight_decay=float(opts.weight_decay))
     rng = np.random.default_rng(seed)
     cap = int(opts.max_instances)
-    for _ in range(int(opts.epochs)):
+    val_bags, val = validation
+    best, best_state, kept = float("inf"), None, int(opts.epochs)
+    for epoch in range(int(opts.epochs)):
         adapted.backbone.eval()  # frozen: no dropout/drop-path noise in the backbone
         head.train()
         for b in tqdm(rng.permutation(train), desc="prompt-mil", unit="bag", leave=False):
@@ -296,7 +329,22 @@ def _train_prompt_mil(
             optim.zero_grad()
             loss.backward()
             optim.step()
-    return adapted, head
+        if len(val):
+            probs, _ = _prompt_predict(adapted, head, dataset, val_bags, val, device)
+            loss = float(
+                nn.functional.nll_loss(
+                    torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                    torch.as_tensor(val_bags.labels[val]),
+                )
+            )
+            if loss < best:
+                state = {"prompts": adapted.prompts.detach().clone(), "head": head.state_dict()}
+                best, best_state, kept = loss, copy.deepcopy(state), epoch + 1
+    if best_state is not None:
+        with torch.no_grad():
+            adapted.prompts.copy_(best_state["prompts"])
+        head.load_state_dict(best_state["head"])
+    return adapted, head, kept
 
 
 @torch.no_grad()
@@ -329,6 +377,22 @@ def _splits(bags: Bags, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndar
     return list(cv.split(np.zeros(len(bags)), bags.labels, bags.groups))
 
 
+def _hold_out(
+    bags: Bags, train: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) bags of `train`: a patient-grouped stratified `fraction`; no validation
+    when there are too few bags of a label to hold one out."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    parts = int(round(1 / fraction)) if fraction > 0 else 0
+    counts = np.bincount(bags.labels[train])
+    if parts < 2 or counts.min() < parts:
+        return train, np.zeros(0, np.int64)
+    cv = StratifiedGroupKFold(n_splits=parts, shuffle=True, random_state=seed)
+    fit, held = next(cv.split(np.zeros(len(train)), bags.labels[train], bags.groups[train]))
+    return train[fit], train[held]
+
+
 def run_method(
     method: str,
     cfg: DictConfig,
@@ -338,8 +402,12 @@ def run_method(
     extractor: FeatureExtractor,
     datasets: tuple[Any, Any],
     num_classes: int,
+    val_bags: Bags | None = None,
 ) -> dict[str, Any]:
-    """Scores of every test bag (out-of-fold without a test set) and the attention maps."""
+    """Scores of every test bag (out-of-fold without a test set) and the attention maps.
+
+    `val_bags` (synthetic bags from held-out training images) stop abmil and prompt_mil early;
+    without them (slides) each fold holds out `val_fraction` of its training bags by patient."""
     started = time.time()
     train_feats, test_feats = feats
     train_bags, test_bags = bags
@@ -349,8 +417,16 @@ def run_method(
     scores = np.zeros((len(test_bags), num_classes))
     attention: list[np.ndarray | None] = [None] * len(test_bags)
     trainable = 0
+    epochs_kept: list[int] = []
     for fold, (train, test) in enumerate(plans):
         fold_seed = seed + fold
+        validation: tuple[Bags, np.ndarray] = (train_bags, np.zeros(0, np.int64))
+        if method != "mean_pool":
+            if val_bags is not None:
+                validation = (val_bags, np.arange(len(val_bags)))
+            else:
+                train, held = _hold_out(train_bags, train, float(cfg.val_fraction), fold_seed)
+                validation = (train_bags, held)
         if method == "mean_pool":
             x = np.stack([train_feats[train_bags.rows[b]].mean(0) for b in train])
             model = _fit_mean_pool(x, train_bags.labels[train], list(cfg.mean_pool.Cs), fold_seed)
@@ -358,9 +434,10 @@ def run_method(
             scores[test] = model.predict_proba(xt)
             trainable = int(model[-1].coef_.size + model[-1].intercept_.size)
         elif method == "abmil":
-            head, scale = _train_abmil(
-                train_feats, train_bags, train, cfg.abmil, num_classes, fold_seed
+            head, scale, kept = _train_abmil(
+                train_feats, train_bags, train, validation, cfg.abmil, num_classes, fold_seed
             )
+            epochs_kept.append(kept)
             with torch.no_grad():
                 for b in test:
                     logits, att = head(scale(test_feats[test_bags.rows[b]]))
@@ -368,16 +445,18 @@ def run_method(
                     attention[b] = att.numpy()
             trainable = sum(p.numel() for p in head.parameters())
         elif method == "prompt_mil":
-            adapted, head = _train_prompt_mil(
+            adapted, head, kept = _train_prompt_mil(
                 extractor.model,
                 datasets[0],
                 train_bags,
                 train,
+                validation,
                 cfg.prompt_mil,
                 num_classes,
                 fold_seed,
                 device,
             )
+            epochs_kept.append(kept)
             probs, att = _prompt_predict(adapted, head, datasets[1], test_bags, test, device)
             scores[test] = probs
             for b, a in zip(test, att):
@@ -396,6 +475,8 @@ def run_method(
         seed=seed,
         alpha=float(cfg.bootstrap.alpha),
     )
+    if epochs_kept:
+        result["epochs_kept"] = epochs_kept  # per fold, by validation loss
     result.update(
         trainable_params=int(trainable),
         trainable_share=trainable / backbone_params,
@@ -421,24 +502,42 @@ def _features(
     return fs, fs.variant(variant)
 
 
-def _build_bags(
-    cfg: DictConfig, spec: str, fs: FeatureSet, labels_csv: str | None, seed_offset: int = 0
-) -> Bags:
-    parsed = parse_spec(spec)
-    path = Path(str(parsed.path))
-    if path.is_dir():
-        if not labels_csv:
-            raise MILError(f"--bags {spec}: slide bags need --labels CSV (columns slide,label)")
-        return slide_bags(path, fs.keys, Path(labels_csv))
+def _is_tiles(spec: str) -> bool:
+    return Path(str(parse_spec(spec).path)).is_dir()
+
+
+def _synthetic(cfg: DictConfig, labels: np.ndarray, n_bags: int, seed: int) -> Bags:
     s = cfg.synthetic
     return synthetic_bags(
-        fs.labels,
-        int(s.n_bags),
+        labels,
+        n_bags,
         (int(s.bag_size[0]), int(s.bag_size[1])),
         (int(s.positives[0]), int(s.positives[1])),
         int(s.positive_class),
-        int(cfg.seed) + seed_offset,
+        seed,
     )
+
+
+def _build_bags(
+    cfg: DictConfig, spec: str, fs: FeatureSet, labels_csv: str | None, seed_offset: int = 0
+) -> tuple[Bags, Bags | None]:
+    """(bags, validation bags): slides of a tile run, or MNIST-bags whose validation bags are
+    drawn from `val_fraction` of the images, held out (training bags share images; these must
+    not)."""
+    if _is_tiles(spec):
+        if not labels_csv:
+            raise MILError(f"--bags {spec}: slide bags need --labels CSV (columns slide,label)")
+        return slide_bags(Path(str(parse_spec(spec).path)), fs.keys, Path(labels_csv)), None
+    seed, n_bags = int(cfg.seed) + seed_offset, int(cfg.synthetic.n_bags)
+    labels = np.asarray(fs.labels).ravel()
+    fraction = float(cfg.val_fraction)
+    if seed_offset or fraction <= 0:  # test bags: all of their split's images
+        return _synthetic(cfg, labels, n_bags, seed), None
+    held = np.random.default_rng(seed).random(len(labels)) < fraction
+    fit_labels, val_labels = labels.copy(), labels.copy()
+    fit_labels[held], val_labels[~held] = -1, -1  # -1: never drawn
+    val_bags = _synthetic(cfg, val_labels, max(50, n_bags // 2), seed + 2)
+    return _synthetic(cfg, fit_labels, n_bags, seed), val_bags
 
 
 def run_mil(
@@ -457,6 +556,13 @@ def run_mil(
         raise MILError(f"unknown MIL method(s) {unknown}; choose from {METHODS}")
     if test_bags is None and int(cfg.folds) < 2:
         raise MILError(f"folds must be >= 2 without --test-bags, got {cfg.folds}")
+    if test_bags is None and not _is_tiles(bags):
+        raise MILError(
+            f"--bags {bags}: synthetic bags share images, so cross-validation over them would "
+            "test on training images; give --test-bags (bags of another split)"
+        )
+    if not 0 <= float(cfg.val_fraction) < 1:
+        raise MILError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if backbone == "raw":
         raise MILError(
             "--backbone raw has no ViT for prompt_mil and no tokens to pool; give an export"
@@ -477,10 +583,10 @@ def run_mil(
     if "prompt_mil" in cfg.methods and not hasattr(extractor.model, "blocks"):
         raise MILError("prompt_mil needs a ViT backbone; drop it from methods for this one")
     train_fs, train_x = _features(extractor, bags, str(cfg.features))
-    train_bags = _build_bags(cfg, bags, train_fs, labels)
+    train_bags, val_bags = _build_bags(cfg, bags, train_fs, labels)
     if test_bags is not None:
         test_fs, test_x = _features(extractor, test_bags, str(cfg.features))
-        test_set = _build_bags(cfg, test_bags, test_fs, labels, seed_offset=1)
+        test_set, _ = _build_bags(cfg, test_bags, test_fs, labels, seed_offset=1)
         splits = None
     else:
         test_x, test_set = train_x, train_bags
@@ -503,6 +609,7 @@ def run_mil(
             extractor,
             datasets,
             num_classes,
+            val_bags,
         )
         results[method] = run["metrics"]
         attention[method] = run["attention"]

@@ -69,6 +69,7 @@ def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
             "--out",
             str(out),
             "synthetic.n_bags=40",
+            "synthetic.bag_size=[5,15]",  # the val split's 135 normal images, 20 % held out
             "abmil.epochs=5",
             "prompt_mil.epochs=1",
             "bootstrap.resamples=50",
@@ -89,6 +90,7 @@ def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
     # Prompt-MIL trains 4 prompt tokens and the gated-attention head: under 1 % of the ViT
     assert prompt["trainable_params"] == 4 * 192 + (192 * 128 + 128) * 2 + 129 + 192 * 2 + 2
     assert prompt["trainable_params"] / backbone_params < 0.01
+    assert all(1 <= e <= 5 for e in doc["methods"]["abmil"]["epochs_kept"])
     assert doc["bags"]["protocol"] == "train/test" and (out / "auroc.png").is_file()
     assert "| abmil |" in (out / "report.md").read_text()
 
@@ -100,6 +102,8 @@ def test_mil_refuses_bad_input_before_work(export, medssl_data, tmp_path, capsys
     assert "unknown MIL method" in capsys.readouterr().err
     assert eval_main([*base, str(tmp_path / "b"), "folds=1"]) == 2
     assert "folds must be >= 2" in capsys.readouterr().err
+    assert eval_main([*base, str(tmp_path / "c")]) == 2  # MNIST-bags share images: no CV
+    assert "give --test-bags" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
