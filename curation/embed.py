@@ -138,7 +138,8 @@ def make_encoder(cfg: Any) -> Encoder:
     backbone = str(cfg.backbone)
     if backbone == "descriptor":
         return Encoder()
-    stain = (cfg.stain_norm.method, cfg.stain_norm.reference)
+    stain_cfg = cfg.get("stain_norm")  # absent from hand-made embed settings
+    stain = (stain_cfg.method, stain_cfg.reference) if stain_cfg is not None else None
     return BackboneEncoder(
         backbone, cfg.weights, cfg.img_size, cfg.channels, str(cfg.device), stain=stain
     )

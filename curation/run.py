@@ -169,6 +169,10 @@ def _embed_all(
         **{k: embed_cfg[k] for k in EMBED_KEYS},
         "weights_sha256": _encoder_content(embed_cfg, steps),
     }
+    stain = embed_cfg.stain_norm
+    if stain.method and embed_cfg.backbone != "descriptor":  # another staining: embed again
+        reference = [Path(stain.reference)] if stain.reference else []
+        settings["stain_norm"] = [stain.method, steps.hashes.files(reference)]
     n_groups = None if embed_cfg.groups is None else int(embed_cfg.groups)
     with Timer() as t:
         encoder = make_encoder(embed_cfg)
