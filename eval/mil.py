@@ -17,8 +17,9 @@ MNIST-bags bag (Ilse et al. 2018: 10-30 images, a positive bag holds 1-3 images 
 abmil and prompt_mil keep the epoch of lowest loss on validation bags (CLAM's early stopping): a
 patient-grouped `val_fraction` of each fold's training slides, or, for MNIST-bags, bags drawn from
 held-out training images (training bags share images, so their validation bags must not).
-Without --test-bags (slides only) every method is scored out-of-fold over a patient-grouped stratified k-fold;
-AUROC, balanced accuracy, ... with percentile-bootstrap CIs over bags (by patient). Writes
+Without --test-bags (slides only) every method is scored out-of-fold over a patient-grouped
+stratified k-fold. AUROC, balanced accuracy, ... with percentile-bootstrap CIs over bags (by
+patient). Writes
 metrics.json, metrics.jsonl, report.md, auroc.png and, for slides, attention heatmaps over the
 tile run's thumbnails.
 """
