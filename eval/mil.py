@@ -403,16 +403,17 @@ def run_method(
     extractor: FeatureExtractor,
     datasets: tuple[Any, Any],
     num_classes: int,
-    val_bags: Bags | None = None,
+    val_bags: Bags | None,
+    seed: int,
 ) -> dict[str, Any]:
-    """Scores of every test bag (out-of-fold without a test set) and the attention maps.
+    """Scores of every test bag (out-of-fold without a test set), the attention maps, the
+    trainable parameter count and the epochs kept per fold.
 
     `val_bags` (synthetic bags from held-out training images) stop abmil and prompt_mil early;
     without them (slides) each fold holds out `val_fraction` of its training bags by patient."""
     started = time.time()
     train_feats, test_feats = feats
     train_bags, test_bags = bags
-    seed = int(cfg.seed)
     device = extractor.device
     plans = splits or [(np.arange(len(train_bags)), np.arange(len(test_bags)))]
     scores = np.zeros((len(test_bags), num_classes))
@@ -467,33 +468,48 @@ def run_method(
         else:
             raise MILError(f"unknown MIL method {method!r}; choose from {METHODS}")
         logger.info("%s fold %d/%d done", method, fold + 1, len(plans))
-    backbone_params = sum(p.numel() for p in extractor.model.parameters())
+    return {
+        "scores": scores,
+        "attention": attention,
+        "trainable": int(trainable),
+        "epochs_kept": epochs_kept,
+        "seconds": time.time() - started,
+    }
+
+
+def _metrics(cfg: DictConfig, test_bags: Bags, runs: list[dict], backbone_params: int) -> dict:
+    """Metrics of the runs' mean scores (one run per repeat), bootstrap CIs over test bags,
+    `<metric>_std` over repeats when there are several."""
     result = evaluate(
         test_bags.labels,
-        scores,
+        [r["scores"] for r in runs] if len(runs) > 1 else runs[0]["scores"],
         groups=test_bags.groups,
         resamples=int(cfg.bootstrap.resamples),
-        seed=seed,
+        seed=int(cfg.seed),
         alpha=float(cfg.bootstrap.alpha),
     )
-    if epochs_kept:
-        result["epochs_kept"] = epochs_kept  # per fold, by validation loss
+    kept = [e for r in runs for e in r["epochs_kept"]]
+    if kept:
+        result["epochs_kept"] = kept  # per repeat and fold, by validation loss
+    trainable = runs[0]["trainable"]
     result.update(
-        trainable_params=int(trainable),
+        repeats=len(runs),
+        trainable_params=trainable,
         trainable_share=trainable / backbone_params,
-        seconds=round(time.time() - started, 2),
+        seconds=round(sum(r["seconds"] for r in runs), 2),
     )
-    if test_bags.positives is not None and any(a is not None for a in attention):
+    if test_bags.positives is not None and runs[0]["attention"][0] is not None:
         mass = [
             float(a[m].sum())
-            for a, m, y in zip(attention, test_bags.positives, test_bags.labels)
-            if a is not None and y == 1
+            for r in runs
+            for a, m, y in zip(r["attention"], test_bags.positives, test_bags.labels)
+            if y == 1
         ]
         result["attention_on_positive_instances"] = float(np.mean(mass))
         result["positive_instance_share"] = float(
             np.mean([m.mean() for m, y in zip(test_bags.positives, test_bags.labels) if y == 1])
         )
-    return {"metrics": result, "scores": scores, "attention": attention}
+    return result
 
 
 def _features(
@@ -520,7 +536,12 @@ def _synthetic(cfg: DictConfig, labels: np.ndarray, n_bags: int, seed: int) -> B
 
 
 def _build_bags(
-    cfg: DictConfig, spec: str, fs: FeatureSet, labels_csv: str | None, seed_offset: int = 0
+    cfg: DictConfig,
+    spec: str,
+    fs: FeatureSet,
+    labels_csv: str | None,
+    seed: int,
+    test: bool = False,
 ) -> tuple[Bags, Bags | None]:
     """(bags, validation bags): slides of a tile run, or MNIST-bags whose validation bags are
     drawn from `val_fraction` of the images, held out (training bags share images; these must
@@ -529,10 +550,10 @@ def _build_bags(
         if not labels_csv:
             raise MILError(f"--bags {spec}: slide bags need --labels CSV (columns slide,label)")
         return slide_bags(Path(str(parse_spec(spec).path)), fs.keys, Path(labels_csv)), None
-    seed, n_bags = int(cfg.seed) + seed_offset, int(cfg.synthetic.n_bags)
+    n_bags = int(cfg.synthetic.n_bags)
     labels = np.asarray(fs.labels).ravel()
     fraction = float(cfg.val_fraction)
-    if seed_offset or fraction <= 0:  # test bags: all of their split's images
+    if test or fraction <= 0:  # test bags: all of their split's images
         return _synthetic(cfg, labels, n_bags, seed), None
     held = np.random.default_rng(seed).random(len(labels)) < fraction
     fit_labels, val_labels = labels.copy(), labels.copy()
@@ -562,6 +583,8 @@ def run_mil(
             f"--bags {bags}: synthetic bags share images, so cross-validation over them would "
             "test on training images; give --test-bags (bags of another split)"
         )
+    if int(cfg.repeats) < 1:
+        raise MILError(f"repeats must be >= 1, got {cfg.repeats}")
     if not 0 <= float(cfg.val_fraction) < 1:
         raise MILError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if backbone == "raw":
@@ -584,38 +607,47 @@ def run_mil(
     if "prompt_mil" in cfg.methods and not hasattr(extractor.model, "blocks"):
         raise MILError("prompt_mil needs a ViT backbone; drop it from methods for this one")
     train_fs, train_x = _features(extractor, bags, str(cfg.features))
-    train_bags, val_bags = _build_bags(cfg, bags, train_fs, labels)
+    seed = int(cfg.seed)
     if test_bags is not None:
         test_fs, test_x = _features(extractor, test_bags, str(cfg.features))
-        test_set, _ = _build_bags(cfg, test_bags, test_fs, labels, seed_offset=1)
-        splits = None
-    else:
-        test_x, test_set = train_x, train_bags
-        splits = _splits(train_bags, int(cfg.folds), int(cfg.seed))
-    num_classes = int(max(train_bags.labels.max(), test_set.labels.max()) + 1)
+        test_set, _ = _build_bags(cfg, test_bags, test_fs, labels, seed + 1, test=True)
     datasets = (None, None)
     if "prompt_mil" in cfg.methods:
         datasets = (extractor.open(bags), extractor.open(test_bags) if test_bags else None)
         datasets = (datasets[0], datasets[1] if datasets[1] is not None else datasets[0])
+    backbone_params = sum(p.numel() for p in extractor.model.parameters())
+    runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    for repeat in range(int(cfg.repeats)):  # new training bags (or folds) and inits each time
+        repeat_seed = seed + 1000 * repeat
+        train_bags, val_bags = _build_bags(cfg, bags, train_fs, labels, repeat_seed)
+        splits = None
+        if test_bags is None:
+            test_x, test_set = train_x, train_bags
+            splits = _splits(train_bags, int(cfg.folds), repeat_seed)
+        num_classes = int(max(train_bags.labels.max(), test_set.labels.max()) + 1)
+        for method in cfg.methods:
+            logger.info("running %s (repeat %d/%d)", method, repeat + 1, int(cfg.repeats))
+            runs[method].append(
+                run_method(
+                    method,
+                    cfg,
+                    (train_x, test_x),
+                    (train_bags, test_set),
+                    splits,
+                    extractor,
+                    datasets,
+                    num_classes,
+                    val_bags,
+                    repeat_seed,
+                )
+            )
     results: dict[str, Any] = {}
     attention: dict[str, list] = {}
     for method in cfg.methods:
-        logger.info("running %s", method)
-        run = run_method(
-            method,
-            cfg,
-            (train_x, test_x),
-            (train_bags, test_set),
-            splits,
-            extractor,
-            datasets,
-            num_classes,
-            val_bags,
-        )
-        results[method] = run["metrics"]
-        attention[method] = run["attention"]
+        results[method] = _metrics(cfg, test_set, runs[method], backbone_params)
+        attention[method] = runs[method][0]["attention"]
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"method": method, **run["metrics"]}) + "\n")
+            f.write(json.dumps({"method": method, **results[method]}) + "\n")
     doc = {
         "task": "mil",
         "backbone": {"fingerprint": extractor.fingerprint},  # paths only pseudonymised, below
@@ -725,6 +757,8 @@ def _report(path: Path, doc: dict[str, Any], heatmaps: list[str]) -> None:
     for name, m in doc["methods"].items():
         ci = m.get("auroc_ci95")
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        if m.get("auroc_std") is not None:
+            ci_text += f" (sd {m['auroc_std']:.3f} over {m['repeats']} repeats)"
         lines.append(
             f"| {name} | {m['auroc']:.4f}{ci_text} | {m['balanced_accuracy']:.4f} | "
             f"{m['trainable_params']:,} ({100 * m['trainable_share']:.2f} %) |"

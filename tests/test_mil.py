@@ -69,6 +69,7 @@ def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
             "--out",
             str(out),
             "synthetic.n_bags=40",
+            "repeats=2",
             "synthetic.bag_size=[5,15]",  # the val split's 135 normal images, 20 % held out
             "abmil.epochs=5",
             "prompt_mil.epochs=1",
@@ -90,7 +91,9 @@ def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
     # Prompt-MIL trains 4 prompt tokens and the gated-attention head: under 1 % of the ViT
     assert prompt["trainable_params"] == 4 * 192 + (192 * 128 + 128) * 2 + 129 + 192 * 2 + 2
     assert prompt["trainable_params"] / backbone_params < 0.01
-    assert all(1 <= e <= 5 for e in doc["methods"]["abmil"]["epochs_kept"])
+    abmil = doc["methods"]["abmil"]
+    assert len(abmil["epochs_kept"]) == 2 and all(1 <= e <= 5 for e in abmil["epochs_kept"])
+    assert abmil["repeats"] == 2 and abmil["auroc_std"] is not None
     assert doc["bags"]["protocol"] == "train/test" and (out / "auroc.png").is_file()
     assert "| abmil |" in (out / "report.md").read_text()
 
@@ -138,6 +141,7 @@ def test_mil_on_slides_of_a_tile_run(export, medssl_data, tmp_path, capsys):
             "--out",
             str(out),
             "folds=2",
+            "repeats=1",
             "abmil.epochs=2",
             "prompt_mil.epochs=1",
             "bootstrap.resamples=20",
