@@ -505,7 +505,7 @@ def tile(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, Any]
             for u in units
         ],
     )
-    mine = [units[i] for i in _task_slice(len(units), task)]
+    mine = ingest.task_blocks(units, *task) if task else units
     todo = [u for u in mine if ingest.needs_work(ingest.read_done(parts, u.index))]
     logger.info(
         "%d slide(s); this run: %d, %d to tile (site key %s)",
@@ -532,13 +532,6 @@ def tile(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, Any]
     for handle in locks:
         handle.close()
     return summary
-
-
-def _task_slice(n: int, task: tuple[int, int] | None) -> range:
-    if task is None:
-        return range(n)
-    bounds = np.linspace(0, n, task[1] + 1).round().astype(int)
-    return range(bounds[task[0]], bounds[task[0] + 1])
 
 
 def _merge(

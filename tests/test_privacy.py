@@ -168,6 +168,16 @@ def hospital(medssl_data, tmp_path_factory):
         medssl_data / "dicom" / "US1_UNCR.dcm", burned, 9, OTHER_PATIENT, OTHER_MRN, burned_in=True
     )
     phi |= {patient_dir.name, burned.parent.name, burned.name}
+    # a whole-slide image named after the patient, in a folder named after the patient too
+    from tests.slides import blank_slide, tissue_texture, write_pyramid
+
+    slides = root.parent / f"slides {PATIENT.split('^')[0]} MRN{MRN}"
+    slides.mkdir()
+    slide = slides / f"{PATIENT.replace('^', '_')}_{MRN}_S24-0042.tif"
+    level0 = blank_slide(1024, 1536)
+    level0[256:768, 256:1280] = tissue_texture(medssl_data, 512, 1024)
+    write_pyramid(slide, level0, 0.5, (1, 4))
+    phi |= {slides.name, slide.name, slide.stem}
     return root, phi, burned
 
 
@@ -202,6 +212,33 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
                 f"output_dir={out / 'cur'}",
                 f"eval_sets=[{pneu}:test]",
                 "embed.groups=1",
+            ],
+            work,
+            env,
+        ),
+        _run(
+            [
+                "curation",
+                "tile",
+                str(next(p for p in tree.parent.iterdir() if "slides" in p.name)),
+                "--out",
+                str(out / "tiles"),
+                "tissue.mask_downsample=16",
+            ],
+            work,
+            env,
+        ),
+        _run(
+            [
+                "launch",
+                "tile",
+                str(next(p for p in tree.parent.iterdir() if "slides" in p.name)),
+                "--out",
+                str(out / "launched_tiles"),
+                "--cluster",
+                "local",
+                "tissue.mask_downsample=16",
+                "progress=false",
             ],
             work,
             env,
