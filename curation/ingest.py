@@ -80,9 +80,10 @@ class Naming:
 
 @dataclass(frozen=True)
 class Unit:
-    """One piece of work: a file (all its frames), a chunk of a .npz split, or a planned rejection."""
+    """One piece of work: a file (all its frames), a chunk of a .npz split, a DICOM series (its
+    single-frame files, one volume), or a planned rejection."""
 
-    kind: str  # "file" | "npz" | "reject"
+    kind: str  # "file" | "npz" | "series" | "reject"
     path: str
     base: str  # source name of the input; rejections are reported under it
     split: str | None = None
@@ -92,6 +93,7 @@ class Unit:
     modality: str = "OT"
     reason: str = ""
     nbytes: int = 0  # pixel bytes of one .npz image, or the file's size: orders the work
+    paths: tuple[str, ...] = ()  # a series' slice files (path is the first)
 
     @property
     def cost(self) -> int:
@@ -174,8 +176,50 @@ def list_files(root: Path, exclude: Path | None) -> list[tuple[str, Path, str]]:
     return sorted((f"{root.name}/{p.relative_to(root).as_posix()}", p, why) for p, why in found)
 
 
+def group_series(units: list[Unit]) -> list[Unit]:
+    """Single-frame DICOM files sharing a SeriesInstanceUID -> one "series" unit (a volume),
+    named after its first file (`dir/first.dcm@series`); other files stay as they are. Reads
+    headers only; a file whose header does not read stays a file unit (rejected when decoded)."""
+    from pretrain.data.volumes import _read_header, series_uid
+
+    members: dict[str, list[Unit]] = {}
+    for unit in units:
+        if unit.kind != "file" or readers.sniff(unit.path) != "dicom":
+            continue
+        try:
+            uid = series_uid(_read_header(Path(unit.path)))
+        except UnreadableImageError:
+            continue
+        if uid is not None:
+            members.setdefault(uid, []).append(unit)
+    grouped: dict[str, Unit] = {}
+    for slices in members.values():
+        if len(slices) < 2:
+            continue
+        first = slices[0]
+        series = Unit(
+            "series",
+            first.path,
+            f"{first.base}@series",
+            nbytes=sum(u.nbytes for u in slices),
+            paths=tuple(u.path for u in slices),
+        )
+        for unit in slices:
+            grouped[unit.path] = series
+    out, seen = [], set()
+    for unit in units:
+        series = grouped.get(unit.path) if unit.kind == "file" else None
+        if series is None:
+            out.append(unit)
+        elif series.base not in seen:
+            seen.add(series.base)
+            out.append(series)
+    return out
+
+
 def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None) -> list[Unit]:
-    """Every input in deterministic order: SRC order, then sorted relative paths."""
+    """Every input in deterministic order: SRC order, then sorted relative paths (a DICOM series
+    where its first file is, with `dicom.volumes`)."""
     units: list[Unit] = []
     for text in sources:
         if ".npz:" in text:
@@ -199,6 +243,8 @@ def plan_inputs(sources: list[str], cfg: DictConfig, exclude: Path | None = None
                 units += _npz_units(path, base, NPZ_SPLITS, cfg)
             else:
                 units.append(Unit("file", str(path), base, nbytes=path.stat().st_size))
+    if cfg.dicom.volumes:
+        units = group_series(units)
     unique: dict[tuple[str, int], Unit] = {}
     for unit in units:  # the same SRC given twice is ingested once; two files, one name: refused
         other = unique.setdefault((unit.base, unit.start), unit)
@@ -222,7 +268,10 @@ def redact(text: str, path: str, base: str) -> str:
 
 
 def _reason(exc: Exception, unit: Unit) -> str:
-    return redact(str(exc), unit.path, unit.base)
+    text = redact(str(exc), unit.path, unit.base)
+    for path in unit.paths:  # any slice of a series
+        text = redact(text, path, unit.base)
+    return text
 
 
 def _encode(unit: Unit, image: readers.DecodedImage, naming: Naming) -> dict:
@@ -253,6 +302,11 @@ def _unit_samples(unit: Unit, opts: dict, naming: Naming) -> list[dict]:
             or images[0].record["n_in_source"] != unit.split_size
         ):
             raise UnreadableImageError(f"{unit.path}: changed while ingesting")
+    elif unit.kind == "series":
+        from pretrain.data.volumes import read_dicom_series
+
+        dicom_opts = {k: v for k, v in opts.items() if k not in ("modality", "dicom_volumes")}
+        images = [read_dicom_series(unit.paths, site_key=naming.site, **dicom_opts)]
     else:
         images = readers.read_image_file(unit.path, site_key=naming.site, **opts)
     return [_encode(unit, img, naming) for img in images]
@@ -473,7 +527,9 @@ def _write_private_map(cfg: DictConfig, units: list[Unit], naming: Naming) -> Pa
     folder = Path(cfg.private_dir) if cfg.private_dir else Path(cfg.out) / "private"
     roots = [{"src": naming.key(src), "path": src} for src in cfg.src]
     inputs = {
-        u.base: {"input": naming.key(u.base), "source": u.base, "path": u.path} for u in units
+        u.base: {"input": naming.key(u.base), "source": u.base, "path": u.path}
+        | ({"paths": list(u.paths)} if u.paths else {})
+        for u in units
     }
     path = folder / "sources.jsonl"
     private_jsonl(path, [*roots, *inputs.values()])
@@ -546,6 +602,7 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
         "burned_in": str(cfg.dicom.burned_in),
         "ct_window_preset": cfg.dicom.ct_window_preset,
         "use_window_tags": bool(cfg.dicom.use_window_tags),
+        "dicom_volumes": bool(cfg.dicom.volumes),
     }
     work = [(block, opts, naming, str(out), int(cfg.shard_size)) for block in todo]
     bar = tqdm(total=len(todo), unit="shard", disable=not cfg.progress, desc="ingest")

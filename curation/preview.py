@@ -1,6 +1,7 @@
 """`python -m curation preview DIR`: look at what an ingest produced before training on it.
 
-Draws an evenly spaced sample of the shards as an image grid (each image through to_float_image with
+Draws an evenly spaced sample of the shards as an image grid (a volume as its three orthogonal
+middle slices; each image through to_float_image with
 its recorded window, so what you see is what the loader gives by default) and counts samples per
 modality, split and label, printed and written as JSON beside the PNG.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.shards import decode_sample, iter_shard_records, list_shards
-from pretrain.data.windowing import to_float_image
+from pretrain.data.windowing import to_float_image, to_float_volume
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,21 @@ def read_samples(directory: Path, records: list[dict[str, Any]]) -> list[tuple[n
     return [decoded[rec["key"]] for rec in records if rec["key"] in decoded]
 
 
+def orthogonal_mid_slices(volume: np.ndarray, gap: int = 2) -> np.ndarray:
+    """A D×H×W volume's three middle slices side by side (axial H×W | coronal D×W | sagittal
+    D×H), each centred on a common height: what a reader checks first in a 3D dataset."""
+    d, h, w = volume.shape
+    views = [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
+    height = max(v.shape[0] for v in views)
+    padded = []
+    for view in views:
+        top = (height - view.shape[0]) // 2
+        canvas = np.zeros((height, view.shape[1] + gap), dtype=np.float32)
+        canvas[top : top + view.shape[0], : view.shape[1]] = view
+        padded.append(canvas)
+    return np.concatenate(padded, axis=1)[:, :-gap]
+
+
 def make_grid(samples: list[tuple[np.ndarray, dict]], out: Path) -> Path:
     import matplotlib
 
@@ -94,7 +110,10 @@ def make_grid(samples: list[tuple[np.ndarray, dict]], out: Path) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for ax, (pixels, record) in zip(axes.flat, samples):
-        image = to_float_image(pixels, record)
+        if isinstance(record.get("volume"), dict):
+            image = orthogonal_mid_slices(to_float_volume(pixels, record))[:, :, None]
+        else:
+            image = to_float_image(pixels, record)
         ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
         label = "" if record.get("label") is None else f" y={record['label']}"
         split = "" if record.get("split") is None else f" {record['split']}"

@@ -7,7 +7,9 @@ an int (-1 when unknown). Every dataset also exposes, without decoding any pixel
 for patient-level splits) and `keys` (a stable name per item).
 
 - npz (`file.npz:split`): the split is held in memory (MedMNIST is small). Multi-label files
-  (ChestMNIST) get label -1, as in `readers.iter_npz`.
+  (ChestMNIST) get label -1, as in `readers.iter_npz`. 3D MedMNIST files give volumes.
+
+Volumes (3D MedMNIST, volume shards; see volumes.py) come out as float32 1×D×H×W tensors.
 - image folder: class subfolders give labels (sorted names -> 0..K-1); a flat folder has none.
   Every file is decoded once at indexing time (multi-frame DICOMs become one item per frame, and
   the records give patients); unreadable files are skipped with a warning naming the file and
@@ -35,13 +37,14 @@ from tqdm import tqdm
 from pretrain.data.readers import (
     UnreadableImageError,
     load_npz_split,
-    make_record,
+    npz_holds_volumes,
     npz_label,
+    npz_record,
     read_image_file,
 )
-from pretrain.data.shards import decode_sample
+from pretrain.data.shards import PIXEL_EXTS, decode_sample
 from pretrain.data.specs import DatasetSpec, parse_spec
-from pretrain.data.windowing import Window, to_float_image
+from pretrain.data.windowing import Window, to_float_image, to_float_volume
 from pretrain.privacy import SiteKey
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_p
 def to_tensor_image(
     pixels: np.ndarray, record: dict[str, Any], window: Window = None
 ) -> torch.Tensor:
-    """Stored pixels + record -> float32 C×H×W tensor in [0, 1] (the input of every transform)."""
+    """Stored pixels + record -> float32 C×H×W tensor in [0, 1] (the input of every transform);
+    a volume (record["volume"]) gives 1×D×H×W."""
+    if isinstance(record.get("volume"), dict):
+        return torch.from_numpy(to_float_volume(pixels, record, window))[None].contiguous()
     return torch.from_numpy(to_float_image(pixels, record, window)).permute(2, 0, 1).contiguous()
 
 
@@ -115,10 +121,7 @@ class NpzDataset(_Base):
 
     def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         pixels = self.images[index]
-        record = make_record(
-            pixels, modality="OT", bits=8, photometric="RGB" if pixels.ndim == 3 else "MONOCHROME2"
-        )
-        return pixels, record
+        return pixels, npz_record(pixels, npz_holds_volumes(self.images.shape))
 
 
 def _npz_num_classes(path: Path, labels: np.ndarray) -> int:
@@ -255,8 +258,8 @@ class ShardDataset(_Base):
             tqdm(self.shards, desc="indexing shards", unit="shard", disable=len(self.shards) < 20)
         ):
             for key, members, record in index_shard(path):
-                if record is None or not ({"png", "npy"} & members.keys()):
-                    logger.warning("%s: sample %r lacks json or png/npy; skipped", path, key)
+                if record is None or not (set(PIXEL_EXTS) & members.keys()):
+                    logger.warning("%s: sample %r lacks json or pixels; skipped", path, key)
                     continue
                 self.items.append((shard_index, members))
                 self.keys.append(str(record.get("key", key)))

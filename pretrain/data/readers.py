@@ -92,7 +92,8 @@ def make_record(
 
 
 def sniff(path: str | Path) -> str:
-    """Content kind of a file from its magic bytes: png|jpeg|tiff|bmp|npz|dicom|empty|unknown."""
+    """Content kind of a file from its magic bytes:
+    png|jpeg|tiff|bmp|npz|dicom|nifti (also gzipped)|empty|unknown."""
     with open(path, "rb") as f:
         head = f.read(132)
     if not head:
@@ -100,7 +101,9 @@ def sniff(path: str | Path) -> str:
     for magic, offset, kind in _MAGIC:
         if head[offset : offset + len(magic)] == magic:
             return kind
-    return "unknown"
+    from pretrain.data.volumes import is_nifti
+
+    return "nifti" if is_nifti(path) else "unknown"
 
 
 def _palette_to_array(im: Image.Image) -> np.ndarray:
@@ -174,10 +177,13 @@ def read_image_file(
     ct_window_preset: str | None = "mediastinum",
     use_window_tags: bool = True,
     burned_in: str = "reject",
+    dicom_volumes: bool = False,
 ) -> list[DecodedImage]:
-    """Read a DICOM or raster image file (all frames), choosing the decoder by content.
+    """Read a DICOM, NIfTI or raster image file (all frames), choosing the decoder by content.
 
-    modality: recorded for raster files, which carry none. ct_window_preset: window recorded for
+    NIfTI files give D×H×W volumes (see volumes.py); so does a volumetric multi-frame DICOM when
+    `dicom_volumes` (else one 2D image per frame). modality: recorded for raster and NIfTI
+    files, which carry none. ct_window_preset: window recorded for
     CT DICOMs without window tags (None: percentile stretch at float time). use_window_tags: record
     DICOM WindowCenter/WindowWidth when present. site_key, burned_in: see dicom.read_dicom.
     """
@@ -187,10 +193,15 @@ def read_image_file(
     kind = sniff(path)
     if kind == "empty":
         raise UnreadableImageError(f"{path}: empty file (0 bytes)")
+    if kind == "nifti":
+        from pretrain.data.volumes import read_nifti
+
+        return read_nifti(path, modality=modality)
     if kind == "dicom":
         from pretrain.data.dicom import read_dicom
+        from pretrain.data.volumes import read_dicom_volume
 
-        return read_dicom(
+        return (read_dicom_volume if dicom_volumes else read_dicom)(
             path,
             site_key=site_key,
             ct_window_preset=ct_window_preset,
@@ -202,7 +213,8 @@ def read_image_file(
     if kind == "npz":
         raise UnreadableImageError(f"{path}: is a zip/.npz archive, not an image (use iter_npz)")
     raise UnreadableImageError(
-        f"{path}: unrecognised content (not PNG, JPEG, TIFF, BMP or DICOM with a 'DICM' header)"
+        f"{path}: unrecognised content (not PNG, JPEG, TIFF, BMP, NIfTI or DICOM with a 'DICM' "
+        "header)"
     )
 
 
@@ -237,6 +249,11 @@ MEDMNIST_MODALITY = {
     "organamnist": "CT",
     "organcmnist": "CT",
     "organsmnist": "CT",
+    "adrenalmnist3d": "CT",
+    "organmnist3d": "CT",
+    "nodulemnist3d": "CT",
+    "fracturemnist3d": "CT",
+    "vesselmnist3d": "MR",
 }
 
 
@@ -271,14 +288,14 @@ def npz_split_shapes(path: str | Path, splits: tuple[str, ...]) -> dict[str, tup
     return sizes
 
 
+def npz_holds_volumes(shape: tuple[int, ...]) -> bool:
+    """N×D×H×W (3D MedMNIST) or N×D×H×W×1, as opposed to N×H×W[×1|3] images."""
+    return (len(shape) == 4 and shape[-1] not in (1, 3)) or (len(shape) == 5 and shape[-1] == 1)
+
+
 def check_npz_images_shape(path: str | Path, split: str, shape: tuple[int, ...]) -> None:
-    """Refuse what is not a stack of 2D images (3D MedMNIST volumes, odd layouts)."""
-    if len(shape) == 4 and shape[-1] not in (1, 3):
-        raise UnreadableImageError(
-            f"{path}: '{split}_images' holds 3D volumes of shape {shape[1:]}; only 2D images "
-            "(N×H×W or N×H×W×1|3) are supported"
-        )
-    if len(shape) not in (3, 4):
+    """Refuse what is neither a stack of 2D images nor a stack of 3D volumes."""
+    if len(shape) not in (3, 4) and not npz_holds_volumes(shape):
         raise UnreadableImageError(f"{path}: '{split}_images' has unsupported shape {shape}")
 
 
@@ -301,7 +318,7 @@ def load_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
         raise
     except Exception as exc:  # zipfile/np.load raise many types for corrupt archives
         raise UnreadableImageError(f"{path}: cannot read as .npz: {exc}") from exc
-    if images.ndim == 4 and images.shape[-1] == 1:
+    if (images.ndim == 4 or npz_holds_volumes(images.shape)) and images.shape[-1] == 1:
         images = images[..., 0]
     if labels is not None:
         labels = labels.reshape(len(labels), -1)
@@ -333,25 +350,36 @@ def npz_images(
 
     The last split read stays loaded, so reading a split chunk by chunk decompresses it once."""
     images, labels = _cached_split(str(path), split)
+    volumes = npz_holds_volumes(images.shape)
     out = []
     for index in range(start, len(images) if stop is None else min(stop, len(images))):
         px = np.ascontiguousarray(images[index])
-        photometric = "RGB" if px.ndim == 3 else "MONOCHROME2"
-        record = make_record(
-            px,
-            modality=modality,
-            photometric=photometric,
-            bits=8 * px.itemsize,
-            index_in_source=index,
-            n_in_source=len(images),
-        )
+        record = npz_record(px, volumes, modality=modality, index=index, n=len(images))
         record.update(split=split, label=npz_label(labels, index))
         out.append(DecodedImage(px, record))
     return out
 
 
+def npz_record(
+    pixels: np.ndarray, volume: bool, *, modality: str = "OT", index: int = 0, n: int = 1
+) -> dict[str, Any]:
+    """The record of one MedMNIST image, or of one 3D MedMNIST volume (no spacing: MedMNIST
+    resampled every volume to a cube)."""
+    fields: dict[str, Any] = {
+        "modality": modality,
+        "bits": 8 * pixels.itemsize,
+        "index_in_source": index,
+        "n_in_source": n,
+    }
+    if volume:
+        from pretrain.data.volumes import volume_record
+
+        return volume_record(pixels, photometric="MONOCHROME2", **fields)
+    return make_record(pixels, photometric="RGB" if pixels.ndim == 3 else "MONOCHROME2", **fields)
+
+
 def iter_npz(path: str | Path, split: str) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(image, label) pairs of one split of a MedMNIST-style .npz; 3D volumes are refused."""
+    """(image, label) pairs of one split of a MedMNIST-style .npz (D×H×W arrays for 3D files)."""
     images, labels = load_npz_split(path, split)
     if labels is not None and labels.shape[1] != 1:
         logger.warning(

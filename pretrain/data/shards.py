@@ -4,6 +4,8 @@ One sample in a webdataset tar is:
 - `KEY.png`: 8-bit or 16-bit PNG (grayscale or RGB) holding the *stored* pixel values, shifted by
   `record["pixel"]["offset"]` when the source was signed (int16 CT); or `KEY.npy` when a PNG cannot
   hold the values losslessly (16-bit RGB, 32-bit, float);
+- `KEY.npz` for a volume (D×H×W stored values, `record["volume"]` set; see volumes.py): one
+  compressed array `voxels` in its original dtype;
 - `KEY.json`: the manifest record (key, source, sha256, modality, height, width, channels, bits,
   split, label, patient hash, pixel restore info);
 - `KEY.cls`: the integer label, when known.
@@ -80,10 +82,25 @@ def encode_pixels(pixels: np.ndarray) -> tuple[str, bytes, dict[str, Any]]:
     return "png", buf.getvalue(), info
 
 
+PIXEL_EXTS = ("png", "npy", "npz")
+
+
+def encode_voxels(voxels: np.ndarray) -> tuple[str, bytes, dict[str, Any]]:
+    """A D×H×W volume as a compressed .npz holding `voxels` in its own dtype (lossless)."""
+    if voxels.ndim != 3:
+        raise ValueError(f"expected D×H×W voxels, got shape {voxels.shape}")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, voxels=np.ascontiguousarray(voxels))
+    return "npz", buf.getvalue(), {"dtype": voxels.dtype.str, "offset": 0}
+
+
 def decode_pixels(ext: str, data: bytes, info: dict[str, Any]) -> np.ndarray:
-    """Inverse of `encode_pixels`: the original stored values with the original dtype."""
+    """Inverse of `encode_pixels` / `encode_voxels`: the stored values in their own dtype."""
     if ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
+    if ext == "npz":
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return npz["voxels"]
     with Image.open(io.BytesIO(data)) as im:
         arr = np.array(im)
     dtype = np.dtype(info.get("dtype", arr.dtype.str))
@@ -99,7 +116,8 @@ def encode_sample(key: str, pixels: np.ndarray, record: dict[str, Any]) -> dict[
     """Build the webdataset sample dict for `pixels`; fills record['pixel'] restore fields."""
     if "." in key:
         raise ValueError(f"sample key must not contain '.': {key!r}")
-    ext, data, info = encode_pixels(pixels)
+    volume = isinstance(record.get("volume"), dict)
+    ext, data, info = encode_voxels(pixels) if volume else encode_pixels(pixels)
     record = dict(record)
     record["pixel"] = {**record.get("pixel", {}), **info}
     sample: dict[str, Any] = {"__key__": key, ext: data, "json": json.dumps(record).encode()}
@@ -113,10 +131,10 @@ def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
     record = sample["json"]
     if isinstance(record, (bytes, bytearray)):
         record = json.loads(record)
-    for ext in ("png", "npy"):
+    for ext in PIXEL_EXTS:
         if ext in sample:
             return decode_pixels(ext, sample[ext], record.get("pixel", {})), record
-    raise ValueError(f"sample {sample.get('__key__')!r} has no png/npy member")
+    raise ValueError(f"sample {sample.get('__key__')!r} has no png/npy/npz member")
 
 
 def modality_values(pixels: np.ndarray, record: dict[str, Any]) -> np.ndarray:

@@ -54,12 +54,10 @@ def _check_npz(path: Path, split: str, spec: str) -> None:
         raise
     except Exception as exc:
         raise DatasetSpecError(f"{spec}: cannot read {path} as .npz: {exc}") from exc
-    if arr.ndim == 4 and arr.shape[-1] not in (1, 3):
-        raise DatasetSpecError(
-            f"{spec}: {path.name} holds 3D volumes of shape {arr.shape[1:]}; "
-            "3D MedMNIST is not supported yet (2D slices or projections only)"
-        )
-    if arr.ndim not in (3, 4):
+    volumes = (arr.ndim == 4 and arr.shape[-1] not in (1, 3)) or (
+        arr.ndim == 5 and arr.shape[-1] == 1
+    )
+    if arr.ndim not in (3, 4) and not volumes:
         raise DatasetSpecError(f"{spec}: {path.name} '{key}' has unsupported shape {arr.shape}")
 
 

@@ -110,6 +110,19 @@ def to_float_image(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def to_float_volume(
+    voxels: np.ndarray, record: Mapping[str, Any], window: Window = None
+) -> np.ndarray:
+    """Float32 D×H×W volume in [0, 1], by `to_float_image`'s rules over the whole volume (one
+    window or one percentile stretch for every slice, so slices stay comparable)."""
+    arr = np.asarray(voxels)
+    if arr.ndim != 3:
+        raise ValueError(f"expected D×H×W voxels, got shape {arr.shape}")
+    d, h, w = arr.shape
+    flat = to_float_image(arr.reshape(d * h, w), record, window)
+    return flat.reshape(d, h, w)
+
+
 def _has_rescale(px: Mapping[str, Any]) -> bool:
     slope, intercept = px.get("slope"), px.get("intercept")
     return (slope is not None and float(slope) != 1.0) or (
