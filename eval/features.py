@@ -154,11 +154,14 @@ def extract_tokens(
 
 
 def raw_pixels(dataset: Dataset, img_size: int | None, desc: str = "raw pixels") -> np.ndarray:
-    """Flattened [0, 1] pixels (N, 1, C*H*W): the no-learning baseline every backbone must beat."""
+    """Flattened [0, 1] pixels (N, 1, C*H*W), or voxels (N, 1, C*D*H*W) of volumes: the
+    no-learning baseline every backbone must beat."""
     rows, shape = [], None
     for index in tqdm(range(len(dataset)), desc=desc, unit="img", leave=False):
         img, _ = dataset[index]
-        if img_size is not None:
+        if img_size is not None and img.ndim == 4:  # C×D×H×W volume
+            img = F.interpolate(img[None], size=(img_size,) * 3, mode="trilinear")[0]
+        elif img_size is not None:
             img = F.interpolate(
                 img[None], size=(img_size, img_size), mode="bilinear", antialias=True
             )[0]
@@ -233,18 +236,26 @@ class FeatureExtractor:
             self.fingerprint = RAW_BACKBONE
             self.output_variant = "n1"
         else:
+            from pretrain.backbones import is_volume_backbone
             from pretrain.init_from import open_backbone
             from pretrain.transforms import eval_transform
 
             self.model, self.meta = open_backbone(self.backbone, weights)
             self.window = window if window is not None else self.meta.get("window")
             self.channels = self.meta.get("channels") or self.meta.get("in_chans") or "repeat"
-            self.transform = eval_transform(
-                int(self.meta["img_size"]),
-                self.channels,
-                self.meta.get("mean"),
-                self.meta.get("std"),
-            )
+            if is_volume_backbone(self.model):  # whole volume, resized to the cube it expects
+                from pretrain.transforms3d import volume_eval_transform
+
+                self.transform = volume_eval_transform(
+                    int(self.meta["img_size"]), self.meta.get("mean"), self.meta.get("std")
+                )
+            else:
+                self.transform = eval_transform(
+                    int(self.meta["img_size"]),
+                    self.channels,
+                    self.meta.get("mean"),
+                    self.meta.get("std"),
+                )
             self.stain_norm = None
             if stain_norm is not None:  # (method, reference image path): pathology tiles
                 from torchvision.transforms import v2

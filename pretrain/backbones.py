@@ -22,6 +22,8 @@ Backbone config keys (the `model:` section of the pretraining YAML holds the sam
   drop_path_rate   stochastic depth (ViT training only; not exported; ignored by torchvision ResNets)
   qkv_bias         bool
   dynamic_img_size bool, lets one ViT take global and local multi-crop sizes (pos-embed resampled)
+  widen_factor     3D ResNet width multiplier (see backbones3d.py, which builds the volume archs
+                   vit3d_* and resnet3d_* from MONAI and exports them for MONAI)
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "drop_path_rate": 0.0,
     "qkv_bias": True,
     "dynamic_img_size": True,
+    "widen_factor": 1.0,
 }
 # name -> (embed_dim, depth, num_heads)
 VIT_SIZES = {
@@ -91,6 +94,13 @@ VIT_SIZES = {
     "vit_large": (1024, 24, 16),
 }
 RESNET_FEATURES = {"resnet18": 512, "resnet50": 2048}
+VIT3D_ARCHS = ("vit3d_tiny", "vit3d_small", "vit3d_base")  # built by backbones3d (MONAI)
+
+
+def is_volume_backbone(model_or_config: nn.Module | Mapping) -> bool:
+    """A 3D backbone (takes B×C×D×H×W): by its config's arch or its `medssl_config`."""
+    c = getattr(_unwrap(model_or_config), "medssl_config", model_or_config)
+    return str(c.get("arch", "")).startswith(("vit3d_", "resnet3d_"))
 SWIGLU_MODEL_NAME = "vit_giant_patch14_dinov2"  # registered timm ViT with the packed SwiGLU MLP
 ARCH_META_KEYS = ("arch", "img_size", "in_chans", "patch_size", "num_features")
 
@@ -109,9 +119,16 @@ def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
         )
     c = {**BACKBONE_DEFAULTS, **given}
     if c["arch"] not in VIT_SIZES and c["arch"] not in RESNET_FEATURES:
-        raise BackboneError(
-            f"unknown arch {c['arch']!r}; choose from {[*VIT_SIZES, *RESNET_FEATURES]}"
-        )
+        from pretrain.backbones3d import VOLUME_ARCHS
+
+        if c["arch"] not in VOLUME_ARCHS:
+            raise BackboneError(
+                f"unknown arch {c['arch']!r}; choose from "
+                f"{[*VIT_SIZES, *RESNET_FEATURES, *VOLUME_ARCHS]}"
+            )
+    if not isinstance(c["widen_factor"], (int, float)) or not c["widen_factor"] > 0:
+        raise BackboneError(f"backbone widen_factor must be > 0, got {c['widen_factor']!r}")
+    c["widen_factor"] = float(c["widen_factor"])
     for key in ("patch_size", "img_size", "in_chans"):
         if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
             raise BackboneError(f"backbone {key} must be a positive int, got {c[key]!r}")
@@ -131,7 +148,7 @@ def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
     if c["layerscale"] is not None:
         c["layerscale"] = float(c["layerscale"])
     c["drop_path_rate"] = float(c["drop_path_rate"])
-    if c["arch"] in VIT_SIZES and c["img_size"] % c["patch_size"]:
+    if c["arch"] in (*VIT_SIZES, *VIT3D_ARCHS) and c["img_size"] % c["patch_size"]:
         raise BackboneError(
             f"img_size {c['img_size']} is not a multiple of patch_size {c['patch_size']}"
         )
@@ -194,6 +211,10 @@ def build_backbone(cfg: Mapping | DictConfig) -> nn.Module:
     Attaches `medssl_config` (resolved cfg) and `timm_kwargs` (export kwargs, no drop_path).
     """
     c = resolve_backbone_config(cfg)
+    if is_volume_backbone(c):
+        from pretrain.backbones3d import build_volume_backbone
+
+        return build_volume_backbone(c)
     kwargs = _timm_kwargs(c)
     if c["arch"] in RESNET_FEATURES:
         model = getattr(torchvision.models, c["arch"])(weights=None)
@@ -280,6 +301,8 @@ def export_backbone(
         raise BackboneError(
             "model has no medssl_config: build it with build_backbone or load_backbone"
         )
+    if is_volume_backbone(model):
+        return _export_volume(model, out_dir, meta=meta, license=license, card=card)
     kwargs = backbone_timm_kwargs(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _check_keys_match(kwargs, state, f"export to {out_dir}")
@@ -343,6 +366,46 @@ def export_backbone(
         atomic_write(out / CARD_FILENAME, card)
     atomic_write(out / CONFIG_FILENAME, json.dumps(doc, indent=2) + "\n")
     logger.info("exported %s backbone (%s) to %s", c["arch"], info["source"], out)
+    return out
+
+
+def _export_volume(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    meta: dict | None,
+    license: str | None,
+    card: str | None,
+) -> Path:
+    from pretrain.backbones3d import export_volume_backbone
+
+    c = model.medssl_config
+    is_vit = c["arch"] in VIT3D_ARCHS
+    info: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "arch": c["arch"],
+        "spatial_dims": 3,
+        "img_size": c["img_size"],
+        "in_chans": c["in_chans"],
+        "patch_size": c["patch_size"] if is_vit else None,
+        "num_features": int(model.num_features),
+        "depth": c["depth"] if is_vit else None,
+        "qkv_bias": c["qkv_bias"],
+        "widen_factor": None if is_vit else c["widen_factor"],
+        "channels": c["in_chans"],
+        "mean": None,
+        "std": None,
+        "window": None,
+        "source": None,
+    }
+    for key, value in (meta or {}).items():
+        if key in ARCH_META_KEYS and value != info[key]:
+            raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
+        info[key] = value
+    for key in ("mean", "std"):
+        info[key] = _as_channel_list(info[key], c["in_chans"], key)
+    out = export_volume_backbone(model, out_dir, _json_plain(info), license=license, card=card)
+    logger.info("exported %s volume backbone (%s) to %s", c["arch"], info["source"], out)
     return out
 
 
@@ -434,8 +497,33 @@ def read_export_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any
     return kwargs, info
 
 
-def _load_export(config_path: Path) -> tuple[nn.Module, dict]:
+def _load_volume_export(config_path: Path, doc: dict[str, Any]) -> tuple[nn.Module, dict]:
+    from pretrain.backbones3d import load_volume_export
+
     weights = config_path.with_name(WEIGHTS_FILENAME)
+    if not weights.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights}")
+    try:
+        model = load_volume_export(doc, weights)
+    except Exception as exc:  # safetensors/MONAI raise several types for bad files
+        raise BackboneError(
+            f"{weights} does not load into {doc.get('architecture')}: {str(exc)[:600]}"
+        ) from exc
+    info = dict(doc["medssl"])
+    model.medssl_config = _config_from_meta(info)
+    return model, info
+
+
+def _load_export(config_path: Path) -> tuple[nn.Module, dict]:
+    from pretrain.backbones3d import is_monai_export
+
+    weights = config_path.with_name(WEIGHTS_FILENAME)
+    try:
+        doc = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{config_path}: unreadable config.json ({exc})") from exc
+    if isinstance(doc, dict) and is_monai_export(doc) and "medssl" in doc:
+        return _load_volume_export(config_path, doc)
     kwargs, info = read_export_config(config_path)
     if not weights.is_file():
         raise FileNotFoundError(f"backbone weights not found: {weights}")
@@ -538,6 +626,10 @@ def vit_intermediate_features(
     This is the DINOv2 linear-probe input. ResNets give [(pooled, layer4 tokens)] for n_last_blocks=1.
     """
     model = _unwrap(model)
+    if is_volume_backbone(model):
+        from pretrain.backbones3d import volume_tokens
+
+        return volume_tokens(model, x, n_last_blocks)
     if isinstance(model, VisionTransformer):
         if not 1 <= n_last_blocks <= len(model.blocks):
             raise ValueError(f"n_last_blocks={n_last_blocks} outside 1..{len(model.blocks)}")

@@ -75,14 +75,34 @@ def model_card(
 
     data: {"inputs": provenance inputs, "images": N, "modalities": {name: N}, "curation": {...}};
     evaluation: rows with dataset, protocol, setting, accuracy, balanced_accuracy, auroc."""
+    arch = info.get("arch")
+    volume = str(arch).startswith(("vit3d_", "resnet3d_"))  # backbones3d: MONAI networks
     front = ModelCardData(
         license=license,
-        library_name="timm",
+        library_name="monai" if volume else "timm",
         pipeline_tag="image-feature-extraction",
         tags=[*TAGS, str(info.get("method") or "ssl"), *tags],
     ).to_yaml()
     method = info.get("method") or "unknown method"
-    arch = info.get("arch")
+    usage = (
+        [
+            "import json, safetensors.torch, monai.networks.nets as nets",
+            'doc = json.load(open("PATH_TO_THIS_FOLDER/config.json"))',
+            'model = getattr(nets, doc["architecture"].rsplit(".", 1)[1])(**doc["model_args"])',
+            'weights = safetensors.torch.load_file("PATH_TO_THIS_FOLDER/model.safetensors")',
+            "model.load_state_dict(weights, strict=True)",
+            "# input: B x 1 x D x H x W in [0, 1], normalised by pretrained_cfg mean/std; a ViT",
+            "# returns (tokens, hidden states): the features are tokens.mean(dim=1)",
+        ]
+        if volume
+        else [
+            "import timm",
+            'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True).eval()',
+            "cfg = timm.data.resolve_data_config({}, model=model)",
+            "transform = timm.data.create_transform(**cfg)",
+        ]
+    )
+    size = info.get("img_size")
     lines = [
         "---",
         front,
@@ -95,16 +115,14 @@ def model_card(
         "linear probes, MIL or fine-tuning.",
         "",
         "```python",
-        "import timm",
-        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True).eval()',
-        "cfg = timm.data.resolve_data_config({}, model=model)",
-        "transform = timm.data.create_transform(**cfg)",
+        *usage,
         "```",
         "",
         "## Training",
         "",
         f"- method: {method}" + (f", recipe {recipe}" if recipe else ""),
-        f"- architecture: {arch}, input {info.get('in_chans')} x {info.get('img_size')} px"
+        f"- architecture: {arch}, input {info.get('in_chans')} x "
+        + (f"{size}^3 voxels" if volume else f"{size} px")
         + (f", patch {info['patch_size']}" if info.get("patch_size") else ""),
         f"- steps: {_fmt(info.get('step'))}, images seen: {_fmt(info.get('images_seen'))}",
         f"- weights: {info.get('source') or '-'}",

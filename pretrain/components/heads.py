@@ -153,21 +153,49 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
     return torch.from_numpy(np.concatenate([embed(rows), embed(cols)], axis=1)).float()
 
 
+def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> Tensor:
+    """Fixed 3-D sin-cos positions (N, dim) of a D×H×W patch grid, row-major like a flattened
+    3D conv output: a third of the channels each encodes the slice, the row and the column."""
+    if dim % 6:
+        raise ValueError(f"3-D sin-cos position embedding needs a dim divisible by 6, got {dim}")
+    part = dim // 3
+    omega = 1.0 / 10000 ** (np.arange(part // 2, dtype=np.float64) / (part / 2.0))
+    axes = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid), indexing="ij")
+
+    def embed(pos: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([embed(a) for a in axes], axis=1)).float()
+
+
 class MAEDecoder(nn.Module):
     """MAE decoder: embed, insert mask tokens, unshuffle, sin-cos positions, blocks, pixel head.
 
     forward(latent (B, prefix + K, embed_dim) of the kept patches, ids_restore (B, N), n_prefix)
-    -> (B, N, patch_pixels) predicted pixels of every patch.
+    -> (B, N, patch_pixels) predicted pixels of every patch. `grid`: the side of a square patch
+    grid, or (D, H, W) of a volume's (3-D positions, `dim` divisible by 6).
     """
 
     def __init__(
-        self, embed_dim: int, dim: int, depth: int, heads: int, grid: int, patch_pixels: int
+        self,
+        embed_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        grid: int | tuple[int, int, int],
+        patch_pixels: int,
     ):
         super().__init__()
         self.grid = grid
         self.decoder_embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid)[None], persistent=False)
+        pos = (
+            sincos_pos_embed_2d(dim, grid)
+            if isinstance(grid, int)
+            else sincos_pos_embed_3d(dim, tuple(grid))
+        )
+        self.register_buffer("pos_embed", pos[None], persistent=False)
         self.blocks = nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_pixels)

@@ -357,6 +357,17 @@ def patchify(images: Tensor, patch: int) -> Tensor:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
+def patchify3d(volumes: Tensor, patch: int) -> Tensor:
+    """(B, C, D, H, W) -> (B, N, patch³*C): cube patches in row-major (d, h, w) order, the order
+    of a flattened 3D patch-embedding convolution; voxels (p, q, r, c) within a patch."""
+    b, c, d, h, w = volumes.shape
+    if d % patch or h % patch or w % patch:
+        raise ValueError(f"volume {d}x{h}x{w} is not a multiple of the patch size {patch}")
+    x = volumes.reshape(b, c, d // patch, patch, h // patch, patch, w // patch, patch)
+    x = torch.einsum("ncdphqwr->ndhwpqrc", x)
+    return x.reshape(b, (d // patch) * (h // patch) * (w // patch), patch**3 * c)
+
+
 def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
     """Mean over removed patches of the per-patch MSE; targets normalised per patch if norm_pix
     (mean, unbiased variance + 1e-6, exactly MAE's `forward_loss`).

@@ -114,3 +114,13 @@ def vit_encode_visible(vit: VisionTransformer, images: Tensor, ids_keep: Tensor 
         index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.cat([x[:, :n_prefix], torch.gather(x[:, n_prefix:], 1, index)], dim=1)
     return vit_encode(vit, x)
+
+
+def monai_vit_encode_visible(vit: torch.nn.Module, volumes: Tensor, ids_keep: Tensor) -> Tensor:
+    """MAE's encoder pass for a MONAI ViT (3D patch embedding, no class token): (B, K, D) of the
+    kept patches `ids_keep` (B, K) after the final norm; positions are added before dropping."""
+    x = vit.patch_embedding(volumes)
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    for block in vit.blocks:
+        x = block(x)
+    return vit.norm(x)

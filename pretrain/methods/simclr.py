@@ -53,6 +53,7 @@ def zero_init_residual_(backbone: nn.Module) -> int:
 @register_method("simclr")
 class SimCLR(SSLMethod):
     name = "simclr"
+    section = "simclr"  # the config section with the method's keys (simclr3d: its own)
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -67,11 +68,11 @@ class SimCLR(SSLMethod):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        c = cfg.simclr
+        c = cfg[self.section]
         self.c = c
         self.backbone = build_backbone(cfg.model)
         if bool(c.zero_init_residual):
-            zero_init_residual_(self.backbone)
+            self.init_residual()
         dim = int(self.backbone.num_features)
         hidden = int(c.proj_hidden_dim or dim)
         self.head = projection_head(
@@ -86,7 +87,8 @@ class SimCLR(SSLMethod):
             self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
             synced = True
         logger.info(
-            "SimCLR: %s (%d features), head %d layers -> %d, temperature %.3g, SyncBN %s",
+            "%s: %s (%d features), head %d layers -> %d, temperature %.3g, SyncBN %s",
+            self.name,
             cfg.model.arch,
             dim,
             int(c.proj_layers),
@@ -94,6 +96,10 @@ class SimCLR(SSLMethod):
             self.temperature,
             synced,
         )
+
+    def init_residual(self) -> int:
+        """Zero-initialise the residual branches (SimCLR's init_zero); returns how many."""
+        return zero_init_residual_(self.backbone)
 
     def build_transform(self) -> Callable:
         channels = self.cfg.data.channels or int(self.cfg.model.in_chans)
