@@ -37,6 +37,7 @@ from pretrain.data.datasets import ShardDataset, open_dataset, to_tensor_image
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.shards import pixel_sha256
 from pretrain.data.specs import DatasetSpec, parse_spec
+from pretrain.data.volumes import orthogonal_mid_slices
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Encoder:
 
     name = "descriptor"
     dim = 214
+    volumes = False  # True: prepare() takes whole C×D×H×W volumes (a 3D backbone)
 
     def prepare(self, img: torch.Tensor) -> torch.Tensor | None:
         """Per-image model input, built in DataLoader workers (None: the thumbnail suffices)."""
@@ -82,6 +84,7 @@ class BackboneEncoder(Encoder):
         device: str,
         stain: tuple[str, str | None] | None = None,
     ):
+        from pretrain.backbones import is_volume_backbone
         from pretrain.init_from import open_backbone
         from pretrain.transforms import default_mean_std, eval_transform, stain_transform
 
@@ -102,7 +105,13 @@ class BackboneEncoder(Encoder):
         mean, std = meta.get("mean"), meta.get("std")
         if mean is None or std is None:
             mean, std = default_mean_std(chans)
-        self.transform = eval_transform(size, chans, mean, std)
+        self.volumes = is_volume_backbone(self.model)
+        if self.volumes:  # a 3D backbone embeds the volume itself
+            from pretrain.transforms3d import volume_eval_transform
+
+            self.transform = volume_eval_transform(size, mean, std)
+        else:  # volumes reach a 2D backbone as their orthogonal mid-slices
+            self.transform = eval_transform(size, chans, mean, std)
         if stain is not None and stain[0]:  # H&E tiles: one staining before the backbone
             try:
                 normalise = stain_transform(*stain)
@@ -113,7 +122,8 @@ class BackboneEncoder(Encoder):
             self.transform = v2.Compose([normalise, self.transform])
         self.name = f"backbone:{backbone}"
         with torch.no_grad():
-            probe = self.transform(torch.rand(1, size, size))[None].to(self.device)
+            shape = (1, size, size, size) if self.volumes else (1, size, size)
+            probe = self.transform(torch.rand(*shape))[None].to(self.device)
             self.dim = int(self._features(probe).shape[1])
 
     def prepare(self, img: torch.Tensor) -> torch.Tensor:
@@ -158,6 +168,10 @@ class _Items(Dataset):
         try:
             pixels, record = self.base.load(i)
             img = to_tensor_image(pixels, record, self.window)
+            volume = None
+            if img.ndim == 4:  # a volume: its orthogonal mid-slices stand for it in 2D steps
+                volume = img
+                img = torch.from_numpy(orthogonal_mid_slices(img[0].numpy()))[None]
         except (UnreadableImageError, ValueError, OSError) as exc:
             return 0, None, {"key": self.base.keys[i], "error": str(exc)}
         rec = {k: record.get(k) for k in RECORD_FIELDS}
@@ -169,8 +183,8 @@ class _Items(Dataset):
         rec["sha256"] = rec["sha256"] or pixel_sha256(pixels)
         rec["patient"] = self.base.patients[i]
         rec["label"] = int(self.base.labels[i])
-        rec["height"], rec["width"] = int(pixels.shape[0]), int(pixels.shape[1])
-        inp = self.encoder.prepare(img)
+        rec["height"], rec["width"] = int(pixels.shape[-2]), int(pixels.shape[-1])
+        inp = self.encoder.prepare(volume if volume is not None and self.encoder.volumes else img)
         return (0 if inp is None else inp), thumbnail(img), rec
 
 

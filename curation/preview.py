@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.shards import decode_sample, iter_shard_records, list_shards
+from pretrain.data.volumes import orthogonal_mid_slices
 from pretrain.data.windowing import to_float_image, to_float_volume
 
 logger = logging.getLogger(__name__)
@@ -81,21 +82,6 @@ def read_samples(directory: Path, records: list[dict[str, Any]]) -> list[tuple[n
         for key, sample in samples.items():
             decoded[key] = decode_sample(sample)
     return [decoded[rec["key"]] for rec in records if rec["key"] in decoded]
-
-
-def orthogonal_mid_slices(volume: np.ndarray, gap: int = 2) -> np.ndarray:
-    """A D×H×W volume's three middle slices side by side (axial H×W | coronal D×W | sagittal
-    D×H), each centred on a common height: what a reader checks first in a 3D dataset."""
-    d, h, w = volume.shape
-    views = [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
-    height = max(v.shape[0] for v in views)
-    padded = []
-    for view in views:
-        top = (height - view.shape[0]) // 2
-        canvas = np.zeros((height, view.shape[1] + gap), dtype=np.float32)
-        canvas[top : top + view.shape[0], : view.shape[1]] = view
-        padded.append(canvas)
-    return np.concatenate(padded, axis=1)[:, :-gap]
 
 
 def make_grid(samples: list[tuple[np.ndarray, dict]], out: Path) -> Path:

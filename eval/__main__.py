@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "--backbone",
         required=True,
         help="pretraining output dir, export dir, checkpoint, 'raw', local-dir:PATH (any timm "
-        "model folder) or timm:NAME[?key=value&...] with --weights",
+        "model folder), timm:NAME[?key=value&...] with --weights, or 2.5d:ANY-OF-THOSE (a 2D "
+        "backbone over a volume's axial slices, features averaged)",
     )
     parser.add_argument(
         "--weights",

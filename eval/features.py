@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 FEATURE_FORMAT = 1
 RAW_BACKBONE = "raw"
+SLICES_PREFIX = "2.5d:"  # --backbone 2.5d:PATH: a 2D backbone over a volume's axial slices
 __all__ = ["FeatureError", "FeatureExtractor", "FeatureSet", "center_on", "RAW_BACKBONE"]
 
 
@@ -111,6 +112,29 @@ def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     return stacked[:total].cpu()
 
 
+class SliceEncoder(nn.Module):
+    """The 2.5D baseline: a frozen 2D backbone applied to every axial slice of a volume
+    (B×1×D×H×W in [0, 1], slices already at the 2D model's size), features averaged over the
+    slices. Channels are repeated and normalised here as the 2D model's export says."""
+
+    pooled_only = True  # no per-block tokens: extract_tokens takes model(x) as the one level
+
+    def __init__(self, model: nn.Module, in_chans: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model, self.in_chans = model, int(in_chans)
+        self.num_features = int(model.num_features)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = volumes.shape
+        slices = volumes.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+        if c != self.in_chans:
+            slices = slices.mean(1, keepdim=True).expand(-1, self.in_chans, -1, -1)
+        features = self.model((slices - self.mean) / self.std)
+        return features.view(b, d, -1).mean(dim=1)
+
+
 def _distributed() -> bool:
     return du.is_dist() and du.world_size() > 1
 
@@ -131,6 +155,7 @@ def extract_tokens(
 
     n_blocks = len(getattr(model, "blocks", ()))
     blocks = min(n_last_blocks, n_blocks) if n_blocks else 1
+    pooled_only = getattr(model, "pooled_only", False)
     total = len(dataset)
     indices = list(range(total))
     if _distributed():
@@ -141,7 +166,12 @@ def extract_tokens(
     model = model.to(device).eval()
     tokens, pooled = [], []
     for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        outs = vit_intermediate_features(model, images.to(device, non_blocking=True), blocks)
+        images = images.to(device, non_blocking=True)
+        if pooled_only:
+            pooled_features = model(images)
+            outs = [(pooled_features, pooled_features[:, None])]
+        else:
+            outs = vit_intermediate_features(model, images, blocks)
         tokens.append(torch.stack([cls for cls, _ in outs], dim=1).float().cpu())
         pooled.append(outs[-1][1].float().mean(dim=1).cpu())
     dim = getattr(model, "num_features", 0)
@@ -240,10 +270,14 @@ class FeatureExtractor:
             from pretrain.init_from import open_backbone
             from pretrain.transforms import eval_transform
 
-            self.model, self.meta = open_backbone(self.backbone, weights)
+            slices = self.backbone.startswith(SLICES_PREFIX)
+            source = self.backbone[len(SLICES_PREFIX) :] if slices else self.backbone
+            self.model, self.meta = open_backbone(source, weights)
             self.window = window if window is not None else self.meta.get("window")
             self.channels = self.meta.get("channels") or self.meta.get("in_chans") or "repeat"
-            if is_volume_backbone(self.model):  # whole volume, resized to the cube it expects
+            if slices:
+                self.model, self.meta, self.transform = self._slice_encoder()
+            elif is_volume_backbone(self.model):  # whole volume, resized to the cube it expects
                 from pretrain.transforms3d import volume_eval_transform
 
                 self.transform = volume_eval_transform(
@@ -272,6 +306,22 @@ class FeatureExtractor:
             pooled = getattr(self.model, "global_pool", None) == "avg"
             self.output_variant = "avgpool" if pooled and hasattr(self.model, "blocks") else "n1"
         logger.info("backbone %s: fingerprint %s", self.backbone, self.fingerprint[:16])
+
+    def _slice_encoder(self) -> tuple[nn.Module, dict[str, Any], nn.Module]:
+        """(SliceEncoder, meta, transform) of the 2.5D baseline over the loaded 2D backbone."""
+        from pretrain.backbones import is_volume_backbone
+        from pretrain.transforms import default_mean_std
+        from pretrain.transforms3d import slice_eval_transform
+
+        if is_volume_backbone(self.model):
+            raise FeatureError(f"{self.backbone}: 2.5d: needs a 2D backbone, this one is 3D")
+        in_chans = int(self.meta.get("in_chans") or 3)
+        default_mean, default_std = default_mean_std(in_chans)
+        mean = list(self.meta.get("mean") or default_mean)
+        std = list(self.meta.get("std") or default_std)
+        model = SliceEncoder(self.model, in_chans, mean, std).eval()
+        meta = {**self.meta, "arch": f"2.5D {self.meta.get('arch')}"}
+        return model, meta, slice_eval_transform(int(self.meta["img_size"]))
 
     @property
     def is_raw(self) -> bool:

@@ -99,8 +99,13 @@ VIT3D_ARCHS = ("vit3d_tiny", "vit3d_small", "vit3d_base")  # built by backbones3
 
 def is_volume_backbone(model_or_config: nn.Module | Mapping) -> bool:
     """A 3D backbone (takes B×C×D×H×W): by its config's arch or its `medssl_config`."""
-    c = getattr(_unwrap(model_or_config), "medssl_config", model_or_config)
+    if isinstance(model_or_config, (Mapping, DictConfig)):
+        c = model_or_config
+    else:
+        c = getattr(_unwrap(model_or_config), "medssl_config", None) or {}
     return str(c.get("arch", "")).startswith(("vit3d_", "resnet3d_"))
+
+
 SWIGLU_MODEL_NAME = "vit_giant_patch14_dinov2"  # registered timm ViT with the packed SwiGLU MLP
 ARCH_META_KEYS = ("arch", "img_size", "in_chans", "patch_size", "num_features")
 

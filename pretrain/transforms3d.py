@@ -191,18 +191,24 @@ def volume_eval_transform(
     size: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> nn.Sequential:
     """Deterministic probe input: the whole volume resized to `size`³, normalised."""
-    return nn.Sequential(
-        _Resize(size), Normalize3D(mean or VOLUME_MEAN, std or VOLUME_STD)
-    )
+    return nn.Sequential(_Resize(size), Normalize3D(mean or VOLUME_MEAN, std or VOLUME_STD))
+
+
+def slice_eval_transform(size: int) -> nn.Module:
+    """Input of a 2D model over axial slices (the 2.5D baseline): every slice resized to
+    `size`², the slice count kept, values left in [0, 1] for the 2D model's own normalisation."""
+    return _Resize(size, slices_only=True)
 
 
 class _Resize(nn.Module):
-    def __init__(self, size: int):
+    def __init__(self, size: int, slices_only: bool = False):
         super().__init__()
-        self.size = int(size)
+        self.size, self.slices_only = int(size), slices_only
 
     def forward(self, volume: Tensor) -> Tensor:
+        if self.slices_only:
+            return resize_volume(volume, (volume.shape[1], self.size, self.size))
         return resize_volume(volume, self.size)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, trilinear"
+        return f"size={self.size}{' (slices)' if self.slices_only else ''}, trilinear"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pretrain.backbones import BackboneError, resolve_backbone_config
+from pretrain.backbones import BackboneError, is_volume_backbone, resolve_backbone_config
 from pretrain.checkpoint import RESUME_MODES
 from pretrain.config import ConfigError
-from pretrain.data.specs import DatasetSpecError, parse_spec
+from pretrain.data.specs import DatasetSpecError, holds_volumes, parse_spec
 from pretrain.init_from import LAYOUT_CHOICES
 from pretrain.methods import get_method_class
 from pretrain.schedules import LR_SCALING_RULES
@@ -44,11 +44,23 @@ def validate(cfg: DictConfig) -> None:
             ("monitor.knn_train", cfg.monitor.knn_train),
             ("monitor.knn_test", cfg.monitor.knn_test),
         ]
+    volume_model = is_volume_backbone(cfg.model)
     for key, spec in specs:
         try:
-            parse_spec(str(spec))
+            volumes = holds_volumes(parse_spec(str(spec)))
         except DatasetSpecError as exc:
             raise ConfigError(f"{key}: {exc}") from exc
+        if volumes is not None and volumes != volume_model:
+            raise ConfigError(
+                f"{key}: {spec} holds {'volumes' if volumes else '2D images'} but model.arch="
+                f"{cfg.model.arch} is a {'3D' if volume_model else '2D'} backbone; "
+                + (
+                    "train volumes with a 3D method and backbone (e.g. method=mae3d "
+                    "model.arch=vit3d_tiny, method=simclr3d model.arch=resnet3d_18)"
+                    if volumes
+                    else "a 3D backbone needs a volume dataset"
+                )
+            )
     checks = [
         (str(cfg.train.precision) in PRECISIONS, f"train.precision must be one of {PRECISIONS}"),
         (

@@ -101,3 +101,19 @@ def parse_spec(spec: str | os.PathLike) -> DatasetSpec:
     if shards:
         return DatasetSpec("shards", path, text, shards=shards)
     return DatasetSpec("folder", path, text)
+
+
+def holds_volumes(spec: DatasetSpec) -> bool | None:
+    """Whether a dataset gives volumes (3D MedMNIST, volume shards), from the npz header or the
+    first shard record; None when that cannot be told without decoding (image folders)."""
+    if spec.kind == "npz":
+        from pretrain.data.readers import npz_header, npz_holds_volumes
+
+        shape, _ = npz_header(spec.path, f"{spec.split}_images")
+        return npz_holds_volumes(shape)
+    if spec.kind == "shards":
+        from pretrain.data.shards import iter_shard_records
+
+        for record in iter_shard_records(spec.shards[0]):
+            return isinstance(record.get("volume"), dict)
+    return None

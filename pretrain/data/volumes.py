@@ -57,6 +57,22 @@ def volume_record(
     return record
 
 
+def orthogonal_mid_slices(volume: np.ndarray, gap: int = 2) -> np.ndarray:
+    """A D×H×W volume's three middle slices side by side (axial H×W | coronal D×W | sagittal
+    D×H), each centred on a common height: what a reader checks first in a 3D dataset, and the
+    2D stand-in of a volume where curation needs an image (thumbnails, copy detection)."""
+    d, h, w = volume.shape
+    views = [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
+    height = max(v.shape[0] for v in views)
+    padded = []
+    for view in views:
+        top = (height - view.shape[0]) // 2
+        canvas = np.zeros((height, view.shape[1] + gap), dtype=view.dtype)
+        canvas[top : top + view.shape[0], : view.shape[1]] = view
+        padded.append(canvas)
+    return np.concatenate(padded, axis=1)[:, :-gap]
+
+
 # -------------------------------------------------------------------------------------- NIfTI
 def is_nifti(path: str | Path) -> bool:
     """NIfTI-1/2 by content: magic at byte 344 (n+1/ni1) or 4 (n+2), also inside .nii.gz."""
@@ -194,10 +210,10 @@ def order_slices(
         return order, None, problems
     spacing = float(np.median(gaps))
     steps = np.rint(gaps / spacing)
-    missing = int((steps - 1).clip(min=0).sum())
+    off = np.abs(gaps - steps * spacing) > SPACING_TOLERANCE * spacing
+    missing = int((steps[~off] - 1).clip(min=0).sum())  # a gap of k slices exactly: k-1 missing
     if missing:
         problems["missing_slices"] = missing
-    off = np.abs(gaps - steps * spacing) > SPACING_TOLERANCE * spacing
     if off.any():
         problems["uneven_spacing"] = True
     return order, spacing, problems

@@ -50,15 +50,21 @@ class MAE3D(SSLMethod):
     def check_config(cls, cfg: DictConfig) -> None:
         c = cfg.mae3d
         if str(cfg.model.arch) not in VIT3D_ARCHS:
-            raise ConfigError(f"mae3d needs a 3D ViT (model.arch in {VIT3D_ARCHS}), got {cfg.model.arch}")
+            raise ConfigError(
+                f"mae3d needs a 3D ViT (model.arch in {VIT3D_ARCHS}), got {cfg.model.arch}"
+            )
         patch, size = int(cfg.model.patch_size), int(cfg.model.img_size)
         if size % patch:
-            raise ConfigError(f"model.img_size={size} is not a multiple of model.patch_size={patch}")
+            raise ConfigError(
+                f"model.img_size={size} is not a multiple of model.patch_size={patch}"
+            )
         if not 0.0 <= float(c.mask_ratio) < 1.0:
             raise ConfigError(f"mae3d.mask_ratio must be in [0, 1), got {c.mask_ratio}")
         n_patches = (size // patch) ** 3
         if int(n_patches * (1 - float(c.mask_ratio))) < 1:
-            raise ConfigError(f"mae3d.mask_ratio={c.mask_ratio} keeps none of the {n_patches} patches")
+            raise ConfigError(
+                f"mae3d.mask_ratio={c.mask_ratio} keeps none of the {n_patches} patches"
+            )
         if int(c.decoder_embed_dim) % 6 or int(c.decoder_embed_dim) % int(c.decoder_num_heads):
             raise ConfigError(
                 "mae3d.decoder_embed_dim must be divisible by 6 (3-D sin-cos positions) and by "
