@@ -370,3 +370,35 @@ def test_2_5d_baseline_averages_a_2d_backbone_over_axial_slices(tmp_path):
         0
     )
     assert torch.allclose(got[0], by_hand, atol=1e-5)
+
+
+def test_curation_on_volume_shards_drops_copies_and_eval_volumes(medssl_data, tmp_path):
+    """Exact copies of volumes go (one keeper), and pool volumes that are copies of the eval set's
+    go too; the curated shards still hold volumes."""
+    with np.load(medssl_data / "adrenalmnist3d.npz") as npz:
+        val, labels = npz["val_images"], npz["val_labels"]
+    pool = np.concatenate([val[:40], val[:3], val[60:62]])  # 3 copies, 2 eval volumes
+    np.savez(
+        tmp_path / "pool3d.npz",
+        train_images=pool,
+        train_labels=np.concatenate([labels[:40], labels[:3], labels[60:62]]),
+    )
+    np.savez(tmp_path / "held3d.npz", test_images=val[60:62], test_labels=labels[60:62])
+    run_module(["curation", "ingest", f"{tmp_path}/pool3d.npz", "--out", str(tmp_path / "pool")])
+    run_module(
+        [
+            "curation", "run", f"pool={tmp_path / 'pool'}", f"output_dir={tmp_path / 'cur'}",
+            f"eval_sets=[{tmp_path}/held3d.npz:test]", "progress=false",
+        ]
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "cur" / "summary.json").read_text())
+    curated = open_dataset(str(tmp_path / "cur" / "curated"))
+    assert len(curated) == 40, summary
+    volume, _ = curated[0]
+    assert volume.shape == (1, 28, 28, 28)
+    kept = {
+        volume_hash for volume_hash in (r["sha256"] for r in manifest(tmp_path / "cur" / "curated"))
+    }
+    from pretrain.data.shards import pixel_sha256
+
+    assert not {pixel_sha256(v) for v in val[60:62]} & kept
