@@ -519,16 +519,22 @@ def _load_volume_export(config_path: Path, doc: dict[str, Any]) -> tuple[nn.Modu
     return model, info
 
 
-def _load_export(config_path: Path) -> tuple[nn.Module, dict]:
-    from pretrain.backbones3d import is_monai_export
-
-    weights = config_path.with_name(WEIGHTS_FILENAME)
+def _monai_export_doc(config_path: Path) -> dict[str, Any] | None:
+    """config.json of a volume export (MONAI architecture, see backbones3d), else None."""
     try:
         doc = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"{config_path}: unreadable config.json ({exc})") from exc
-    if isinstance(doc, dict) and is_monai_export(doc) and "medssl" in doc:
-        return _load_volume_export(config_path, doc)
+    except (OSError, ValueError):
+        return None  # read_export_config names the problem
+    if isinstance(doc, dict) and "medssl" in doc and doc.get("library") == "monai":
+        return doc
+    return None
+
+
+def _load_export(config_path: Path) -> tuple[nn.Module, dict]:
+    weights = config_path.with_name(WEIGHTS_FILENAME)
+    monai_doc = _monai_export_doc(config_path)
+    if monai_doc is not None:
+        return _load_volume_export(config_path, monai_doc)
     kwargs, info = read_export_config(config_path)
     if not weights.is_file():
         raise FileNotFoundError(f"backbone weights not found: {weights}")

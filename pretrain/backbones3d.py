@@ -57,10 +57,6 @@ VOLUME_ARCHS = (*VIT3D_SIZES, *RESNET3D_LAYERS)
 MONAI_MODULE = "monai.networks.nets"
 
 
-def is_volume_arch(arch: str) -> bool:
-    return arch in VOLUME_ARCHS
-
-
 def monai_model_args(c: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(MONAI class name, JSON-able constructor kwargs) for a resolved backbone config."""
     arch = c["arch"]
@@ -224,12 +220,6 @@ def export_volume_backbone(
         atomic_write(out / "README.md", card)
     atomic_write(out / "config.json", json.dumps(doc, indent=2) + "\n")
     return out
-
-
-def is_monai_export(doc: Mapping[str, Any]) -> bool:
-    return doc.get("library") == "monai" or str(doc.get("architecture", "")).startswith(
-        MONAI_MODULE
-    )
 
 
 def load_volume_export(doc: Mapping[str, Any], weights: Path) -> nn.Module:

@@ -32,10 +32,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SPACING_TOLERANCE = 0.01
 
 
-def is_volume_record(record: dict[str, Any]) -> bool:
-    return isinstance(record.get("volume"), dict)
-
-
 def volume_record(
     voxels: np.ndarray,
     *,
