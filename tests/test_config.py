@@ -92,7 +92,9 @@ def test_every_shipped_recipe_composes_and_validates(recipe, medssl_data, tmp_pa
     from pretrain.config import compose_config
     from pretrain.validation import validate
 
-    spec = f"{medssl_data / 'pneumoniamnist.npz'}:train"
+    volumes = str(OmegaConf.load(recipe).get("method", "")).endswith("3d")
+    data = "adrenalmnist3d.npz" if volumes else "pneumoniamnist.npz"  # 3D recipes train on volumes
+    spec = f"{medssl_data / data}:train"
     cfg = compose_config(recipe, [f"data.train={spec}", f"output_dir={tmp_path}"])
     validate(cfg)  # raises ConfigError naming the problem
     # every leaf comes from the last layer that sets it: recipe, else method YAML, else default
