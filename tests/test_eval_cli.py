@@ -231,7 +231,8 @@ def _raw_reference() -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_raw_pixel_baseline_reproduces_the_issue_numbers(medssl_data, tmp_path):
-    """--backbone raw: k-NN (k=20) on BreastMNIST/PneumoniaMNIST, logreg on RetinaMNIST.
+    """--backbone raw: k-NN (k=20) on BreastMNIST/PneumoniaMNIST/AdrenalMNIST3D, logreg on
+    RetinaMNIST.
 
     RetinaMNIST uses the default C grid's neighbourhood (1e-4..1e-2, where the val optimum lies)
     to keep the test short; the full grid selects the same C.
@@ -240,6 +241,7 @@ def test_raw_pixel_baseline_reproduces_the_issue_numbers(medssl_data, tmp_path):
     for name, protocol, overrides in [
         ("breastmnist", "knn", []),
         ("pneumoniamnist", "knn", []),
+        ("adrenalmnist3d", "knn", []),  # flattened voxels of 28^3 volumes
         ("retinamnist", "logreg", ["logreg.Cs=[1e-4,1e-3,1e-2]"]),
     ]:
         npz = medssl_data / f"{name}.npz"
