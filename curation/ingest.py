@@ -180,14 +180,14 @@ def group_series(units: list[Unit]) -> list[Unit]:
     """Single-frame DICOM files sharing a SeriesInstanceUID -> one "series" unit (a volume),
     named after its first file (`dir/first.dcm@series`); other files stay as they are. Reads
     headers only; a file whose header does not read stays a file unit (rejected when decoded)."""
-    from pretrain.data.volumes import _read_header, series_uid
+    from pretrain.data.volumes import read_dicom_header, series_uid
 
     members: dict[str, list[Unit]] = {}
     for unit in units:
         if unit.kind != "file" or readers.sniff(unit.path) != "dicom":
             continue
         try:
-            uid = series_uid(_read_header(Path(unit.path)))
+            uid = series_uid(read_dicom_header(Path(unit.path)))
         except UnreadableImageError:
             continue
         if uid is not None:

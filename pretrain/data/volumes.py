@@ -215,7 +215,8 @@ def order_slices(
     return order, spacing, problems
 
 
-def _read_header(path: Path) -> Any:
+def read_dicom_header(path: Path) -> Any:
+    """A DICOM header without pixels, pydicom's value-quoting warnings silenced (PHI)."""
     import pydicom
 
     from pretrain.data.dicom import _quiet_pydicom
@@ -318,7 +319,7 @@ def read_dicom_volume(path: str | Path, **read_opts: Any) -> list[DecodedImage]:
     frames = read_dicom(path, **read_opts)
     if len(frames) < 2:
         return frames
-    ds = _read_header(path)
+    ds = read_dicom_header(path)
     if not is_volumetric_multiframe(ds):
         return frames
     geometries = [slice_geometry(ds, i) for i in range(len(frames))]
@@ -347,7 +348,7 @@ def read_dicom_series(paths: Sequence[str | Path], **read_opts: Any) -> DecodedI
         if len(decoded) != 1:
             raise UnreadableImageError(f"{path}: a series slice must hold one frame")
         images.append(decoded[0])
-        geometries.append(slice_geometry(_read_header(Path(path))))
+        geometries.append(slice_geometry(read_dicom_header(Path(path))))
     orientations = {tuple(np.round(g["orientation"], 4)) for g in geometries if g["orientation"]}
     if len(orientations) > 1:
         raise UnreadableImageError(

@@ -1,5 +1,5 @@
-"""SimCLR on volumes (as in Taleb et al. 2020's 3D contrastive baselines): two augmented 3D crops
-of a volume, NT-Xent against every other view in the global batch.
+"""SimCLR on volumes: two augmented 3D crops of a volume, NT-Xent against every other view in the
+global batch.
 
 Everything but the data and the backbone is `simclr`'s: projection head, loss, negatives gathered
 across ranks, SyncBatchNorm under DDP, LARS recipe. The backbone is a MONAI 3D ResNet (or ViT),
