@@ -283,6 +283,16 @@ def _as_channel_list(value: Any, in_chans: int, key: str) -> list[float] | None:
     return values
 
 
+def _merge_meta(info: dict[str, Any], meta: Mapping | None, in_chans: int) -> None:
+    """Add the caller's meta to an export's info; architecture keys must agree with the model."""
+    for key, value in (meta or {}).items():
+        if key in ARCH_META_KEYS and value != info[key]:
+            raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
+        info[key] = value
+    for key in ("mean", "std"):
+        info[key] = _as_channel_list(info[key], in_chans, key)
+
+
 def export_backbone(
     model: nn.Module,
     out_dir: str | Path,
@@ -332,12 +342,7 @@ def export_backbone(
         "source": None,
         "timm_version": timm.__version__,
     }
-    for key, value in (meta or {}).items():
-        if key in ARCH_META_KEYS and value != info[key]:
-            raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
-        info[key] = value
-    for key in ("mean", "std"):
-        info[key] = _as_channel_list(info[key], c["in_chans"], key)
+    _merge_meta(info, meta, c["in_chans"])
     chans = c["in_chans"]
     data_config = {
         "input_size": [chans, c["img_size"], c["img_size"]],
@@ -403,12 +408,7 @@ def _export_volume(
         "window": None,
         "source": None,
     }
-    for key, value in (meta or {}).items():
-        if key in ARCH_META_KEYS and value != info[key]:
-            raise BackboneError(f"meta {key}={value!r} contradicts the model ({info[key]!r})")
-        info[key] = value
-    for key in ("mean", "std"):
-        info[key] = _as_channel_list(info[key], c["in_chans"], key)
+    _merge_meta(info, meta, c["in_chans"])
     out = export_volume_backbone(model, out_dir, _json_plain(info), license=license, card=card)
     logger.info("exported %s volume backbone (%s) to %s", c["arch"], info["source"], out)
     return out

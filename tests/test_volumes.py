@@ -396,9 +396,7 @@ def test_curation_on_volume_shards_drops_copies_and_eval_volumes(medssl_data, tm
     assert len(curated) == 40, summary
     volume, _ = curated[0]
     assert volume.shape == (1, 28, 28, 28)
-    kept = {
-        volume_hash for volume_hash in (r["sha256"] for r in manifest(tmp_path / "cur" / "curated"))
-    }
+    kept = {r["sha256"] for r in manifest(tmp_path / "cur" / "curated")}
     from pretrain.data.shards import pixel_sha256
 
     assert not {pixel_sha256(v) for v in val[60:62]} & kept

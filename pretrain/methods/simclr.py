@@ -57,14 +57,14 @@ class SimCLR(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        c = cfg.simclr
+        name, c = cls.section, cfg[cls.section]
         if float(c.temperature) <= 0:
-            raise ConfigError(f"simclr.temperature must be > 0, got {c.temperature}")
+            raise ConfigError(f"{name}.temperature must be > 0, got {c.temperature}")
         if int(c.proj_layers) < 1:
-            raise ConfigError(f"simclr.proj_layers must be >= 1, got {c.proj_layers}")
+            raise ConfigError(f"{name}.proj_layers must be >= 1, got {c.proj_layers}")
         lo, hi = (float(v) for v in c.crop_scale)
         if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError("simclr.crop_scale must be [min, max] with 0 < min <= max <= 1")
+            raise ConfigError(f"{name}.crop_scale must be [min, max] with 0 < min <= max <= 1")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

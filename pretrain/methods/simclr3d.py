@@ -34,14 +34,7 @@ class SimCLR3D(SimCLR):
             raise ConfigError(
                 f"simclr3d needs a 3D backbone (model.arch resnet3d_* or vit3d_*), got {cfg.model.arch}"
             )
-        c = cfg.simclr3d
-        if float(c.temperature) <= 0:
-            raise ConfigError(f"simclr3d.temperature must be > 0, got {c.temperature}")
-        if int(c.proj_layers) < 1:
-            raise ConfigError(f"simclr3d.proj_layers must be >= 1, got {c.proj_layers}")
-        lo, hi = (float(v) for v in c.crop_scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError("simclr3d.crop_scale must be [min, max] with 0 < min <= max <= 1")
+        super().check_config(cfg)
 
     def build_transform(self) -> Callable:
         return SimCLR3DTransform(self.img_size, scale=tuple(self.c.crop_scale))
