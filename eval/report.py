@@ -335,7 +335,7 @@ def render_markdown(doc: dict[str, Any], plots: dict[str, str]) -> str:
         lines.append(f"No reference numbers for dataset '{data['dataset']}'.")
     else:
         rrows = [
-            (r["model"], r.get("source", ""), f"{r['auroc']:.3f}", f"{r['accuracy']:.3f}")
+            (r["model"], r.get("source", ""), *(_ref_value(r, m) for m in ("auroc", "accuracy")))
             for r in ref["rows"]
         ]
         for source, protocols in [("ours", doc["protocols"])] + [
@@ -385,6 +385,12 @@ def render_markdown(doc: dict[str, Any], plots: dict[str, str]) -> str:
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in doc.get("timing_s", {}).items())
     lines += ["", f"Timing: {timing}", ""]
     return "\n".join(lines)
+
+
+def _ref_value(row: dict[str, Any], metric: str) -> str:
+    """A reference number, or "-" where the source does not give it."""
+    value = row.get(metric)
+    return "-" if value is None else f"{value:.3f}"
 
 
 def write_report(

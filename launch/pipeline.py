@@ -1,14 +1,15 @@
 """ingest -> curate -> pretrain -> eval as dependent jobs, all queued at once.
 
   python -m launch pipeline SRC... --out DIR --pretrain-config RECIPE --eval-train SPEC
-      --eval-test SPEC [--eval-val SPEC] [--protocol P ...] [--baseline raw] [--no-curate]
+      --eval-test SPEC [--eval-val SPEC] [--eval-train ... again per dataset] [--protocol P ...] [--baseline raw] [--no-curate]
       [--curate-config FILE] [--embed-groups N] [--ingest-array N] [--global-tasks M]
       [ingest.K=V] [curate.K=V] [pretrain.K=V] [eval.K=V]
 
 Layout: DIR/shards (ingest), DIR/curation (curation run output_dir; the curated shards in
 DIR/curation/curated, its report in DIR/curation/report.html), DIR/pretrain (output_dir),
-DIR/eval (one directory per backbone x protocol, results.md). A `STAGE.` prefix routes a
-key=value override to that stage. Curation protects the eval test (and val) sets unless
+DIR/eval (one directory per backbone x protocol, per dataset when several are given, and
+results.md). A `STAGE.` prefix routes a key=value override to that stage. Curation protects every
+eval test (and val) set unless
 `curate.eval_sets=[...]` says otherwise: their copies and patients leave the pool. On SLURM
 every job waits (afterok) for the one before; a failure stops everything after it. Configs are
 checked before queueing, inputs only when each job runs.
@@ -34,9 +35,9 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--pretrain-config", required=True)
-    p.add_argument("--eval-train", required=True)
-    p.add_argument("--eval-test", required=True)
-    p.add_argument("--eval-val")
+    p.add_argument("--eval-train", action="append", required=True, help="repeatable")
+    p.add_argument("--eval-test", action="append", required=True, help="one per --eval-train")
+    p.add_argument("--eval-val", action="append", help="none, or one per --eval-train")
     p.add_argument("--eval-config")
     p.add_argument("--protocol", action="append")
     p.add_argument("--baseline", action="append", default=[], help="extra backbones, e.g. raw")
@@ -102,7 +103,7 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
         curate_args += [f"pool={shards}", f"output_dir={curation_dir}"]
         if not any(o.startswith("eval_sets=") for o in routed["curate"]):
             # the held-out images the pipeline reports on must not be pretrained on
-            held_out = [s for s in (known.eval_test, known.eval_val) if s]
+            held_out = [*known.eval_test, *(known.eval_val or [])]
             curate_args.append(f"eval_sets=[{','.join(held_out)}]")
         curate_args += routed["curate"]
         curate_args += ["--embed-groups", str(known.embed_groups)] if known.embed_groups else []
@@ -124,8 +125,10 @@ def plan_pipeline(stage_args: Sequence[str], opts: ClusterOptions) -> tuple[list
     )
     plan += pretrain_plan
 
-    eval_args = ["--out", str(eval_dir), "--train", known.eval_train, "--test", known.eval_test]
-    eval_args += ["--val", known.eval_val] if known.eval_val else []
+    eval_args = ["--out", str(eval_dir)]
+    for flag, specs in (("--train", known.eval_train), ("--test", known.eval_test)):
+        eval_args += [arg for spec in specs for arg in (flag, spec)]
+    eval_args += [arg for spec in known.eval_val or [] for arg in ("--val", spec)]
     eval_args += ["--config", known.eval_config] if known.eval_config else []
     for backbone in [str(run_dir), *known.baseline]:
         eval_args += ["--backbone", backbone]

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from eval.report import load_reference
 from pretrain.backbones import CONFIG_FILENAME, find_export, is_export_dir, refresh_model_card
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,36 @@ def _add_to_model_card(backbone: str, rows: list[dict[str, Any]]) -> None:
         logger.info("model card %s now holds the evaluation table", target.parent / "README.md")
 
 
+def by_dataset_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
+    """One backbone per row, one dataset per column, for each protocol: AUROC / accuracy of the
+    headline setting, then the published reference numbers of those datasets (the anchors a
+    foundation model is judged against)."""
+    text = "## By dataset (AUROC / accuracy)\n\n"
+    header = "| backbone | " + " | ".join(datasets) + " |\n|" + "---|" * (1 + len(datasets)) + "\n"
+    for protocol in dict.fromkeys(row["protocol"] for row in rows):
+        cells: dict[str, dict[str, str]] = {}
+        for row in rows:
+            if row["protocol"] == protocol:
+                value = f"{_fmt(row['auroc'])} / {_fmt(row['accuracy'])}"
+                cells.setdefault(row["backbone"], {})[str(row["dataset"])] = value
+        text += f"**{protocol}**\n\n" + header
+        for backbone, values in cells.items():
+            text += f"| {backbone} | " + " | ".join(values.get(d, "-") for d in datasets) + " |\n"
+        text += "\n"
+    references: dict[str, dict[str, str]] = {}
+    for dataset in datasets:
+        ref = load_reference(None, dataset)
+        for ref_row in (ref or {}).get("rows", []):
+            value = f"{_fmt(ref_row.get('auroc'))} / {_fmt(ref_row.get('accuracy'))}"
+            references.setdefault(str(ref_row["model"]), {})[dataset] = value
+    if references:
+        text += "**reference** (eval/configs/medmnist_reference.yaml, its sources)\n\n" + header
+        for model, values in references.items():
+            text += f"| {model} | " + " | ".join(values.get(d, "-") for d in datasets) + " |\n"
+        text += "\n"
+    return text
+
+
 def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str, str]:
     """Read every cell's metrics.json (failing with the cell's name when one is missing)."""
     out = Path(out)
@@ -76,6 +107,7 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
         for row in rows_from_metrics(doc, cell["label"]):
+            row["dataset"] = cell.get("dataset") or row["dataset"]
             row["backbone_path"] = cell["backbone"]
             row["metrics_json"] = str(path)
             rows.append(row)
@@ -89,15 +121,27 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
         writer.writerow(columns)
         for row in rows:
             writer.writerow([row[c] for c in columns])
+    datasets = list(dict.fromkeys(str(row["dataset"]) for row in rows))
+    several = len(datasets) > 1
     lines = [
-        "| backbone | protocol | setting | " + " | ".join(METRICS) + " |",
-        "|" + "---|" * (3 + len(METRICS)),
+        "| "
+        + ("dataset | " if several else "")
+        + "backbone | protocol | setting | "
+        + " | ".join(METRICS)
+        + " |",
+        "|" + "---|" * (3 + several + len(METRICS)),
     ]
     for row in rows:
         metrics = " | ".join(_fmt(row[m], row[f"{m}_ci95"]) for m in METRICS)
-        lines.append(f"| {row['backbone']} | {row['protocol']} | {row['setting']} | {metrics} |")
+        first = f"{row['dataset']} | " if several else ""
+        lines.append(
+            f"| {first}{row['backbone']} | {row['protocol']} | {row['setting']} | {metrics} |"
+        )
+    summary = by_dataset_table(rows, datasets) if several else ""
     (out / "results.md").write_text(
-        "# Evaluation results\n\nHeadline setting of each protocol; [95 % bootstrap CI].\n\n"
+        "# Evaluation results\n\n"
+        + summary
+        + "Headline setting of each protocol; [95 % bootstrap CI].\n\n"
         + "\n".join(lines)
         + "\n"
     )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.protocols.base import dataset_name
 from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
 from launch.results import gather_eval_table
@@ -171,9 +172,11 @@ def eval_parser() -> argparse.ArgumentParser:
         required=True,
         help="repeatable: knn, linear, logreg, fewshot, label_efficiency, all",
     )
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--val")
+    p.add_argument(
+        "--train", action="append", required=True, help="repeatable: one per evaluation dataset"
+    )
+    p.add_argument("--test", action="append", required=True, help="paired with --train by order")
+    p.add_argument("--val", action="append", help="none, or one per --train")
     p.add_argument("--out", required=True)
     p.add_argument("--config")
     return p
@@ -193,10 +196,35 @@ def backbone_label(path: str, taken: set[str]) -> str:
     return label
 
 
+def eval_datasets(
+    train: Sequence[str], test: Sequence[str], val: Sequence[str] | None
+) -> list[dict[str, str | None]]:
+    """Pair the repeated --train/--test/--val specs by order and name each dataset (unique)."""
+    if len(test) != len(train) or (val and len(val) != len(train)):
+        raise LaunchError(
+            f"eval: {len(train)} --train, {len(test)} --test and {len(val or [])} --val: give "
+            "one --test (and none or one --val) per --train, in the same order"
+        )
+    taken: set[str] = set()
+    datasets = []
+    for i, (train_spec, test_spec) in enumerate(zip(train, test)):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name(train_spec)) or "dataset"
+        label, k = name, 2
+        while label in taken:
+            label, k = f"{name}-{k}", k + 1
+        taken.add(label)
+        datasets.append(
+            {"label": label, "train": train_spec, "test": test_spec, "val": val[i] if val else None}
+        )
+    return datasets
+
+
 def plan_eval(
     stage_args: Sequence[str], opts: ClusterOptions, after: Sequence[str] = (), prefix: str = "eval"
 ) -> tuple[list[PlannedJob], Path]:
-    """An array over backbones x protocols, then one job that gathers OUT/results.{md,csv,json}."""
+    """An array over datasets x backbones x protocols, then one job that gathers
+    OUT/results.{md,csv,json}. With one dataset the cells are OUT/BACKBONE/PROTOCOL, with several
+    OUT/DATASET/BACKBONE/PROTOCOL and the table gains a dataset-by-dataset summary."""
     try:
         known, rest = eval_parser().parse_known_args(list(stage_args))
     except SystemExit as exc:
@@ -205,20 +233,31 @@ def plan_eval(
     if other:
         raise LaunchError(f"eval: unexpected arguments {other}")
     out = Path(known.out).resolve()
-    shared = ["--train", known.train, "--test", known.test]
-    shared += ["--val", known.val] if known.val else []
-    shared += ["--config", known.config] if known.config else []
+    datasets = eval_datasets(known.train, known.test, known.val)
+    config = ["--config", known.config] if known.config else []
     taken: set[str] = set()
     labels = [backbone_label(b, taken) for b in known.backbone]
     cells, calls = [], []
-    for backbone, label in zip(known.backbone, labels):
-        for protocol in known.protocol:
-            cell_out = out / label / protocol
-            argv = [protocol, "--backbone", backbone, *shared, "--out", str(cell_out), *overrides]
-            calls.append(_job(f"{prefix}-{label}-{protocol}", "eval", argv, out, opts))
-            cells.append(
-                {"backbone": backbone, "label": label, "protocol": protocol, "out": str(cell_out)}
-            )
+    for data in datasets:
+        shared = ["--train", data["train"], "--test", data["test"], *config]
+        shared += ["--val", data["val"]] if data["val"] else []
+        base, tag = (out / data["label"], f"{data['label']}-") if len(datasets) > 1 else (out, "")
+        for backbone, label in zip(known.backbone, labels):
+            for protocol in known.protocol:
+                cell_out = base / label / protocol
+                argv = [protocol, "--backbone", backbone, *shared, "--out", str(cell_out)]
+                calls.append(
+                    _job(f"{prefix}-{tag}{label}-{protocol}", "eval", argv + overrides, out, opts)
+                )
+                cells.append(
+                    {
+                        "backbone": backbone,
+                        "label": label,
+                        "protocol": protocol,
+                        "dataset": data["label"],
+                        "out": str(cell_out),
+                    }
+                )
     gather = _GatherEval(out, cells)
     plan = [
         PlannedJob(f"{prefix}-cells", calls, after=list(after), array=True),

@@ -316,6 +316,65 @@ def test_eval_cells_are_gathered_into_one_table(tmp_path):
         gather_eval_table(tmp_path, missing)
 
 
+def test_several_eval_datasets_get_their_own_cells_and_one_table_by_dataset(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: dinov2\noptim: {max_steps: 2}\n")
+    opts, _ = _opts(["pipeline", "--cluster", "slurm"], tmp_path)
+    args = ["src", "--out", str(tmp_path / "p"), "--pretrain-config", str(recipe)]
+    evals = []
+    for name in ("pneumoniamnist", "breastmnist"):
+        evals += ["--eval-train", f"d/{name}.npz:train", "--eval-test", f"d/{name}.npz:test"]
+        evals += ["--eval-val", f"d/{name}.npz:val"]
+    plan, out = plan_pipeline([*args, *evals, "--baseline", "raw"], opts)
+    curate = next(p for p in plan if p.name == "curate-global").calls[0]
+    # every dataset's held-out images leave the pretraining pool
+    assert (
+        "eval_sets=[d/pneumoniamnist.npz:test,d/breastmnist.npz:test,"
+        "d/pneumoniamnist.npz:val,d/breastmnist.npz:val]" in curate.argv
+    )
+    cells = next(p for p in plan if p.name == "eval-cells").calls
+    by_name = {c.name: c.argv for c in cells}
+    assert sorted(by_name) == [
+        "eval-breastmnist-pretrain-knn",
+        "eval-breastmnist-raw-knn",
+        "eval-pneumoniamnist-pretrain-knn",
+        "eval-pneumoniamnist-raw-knn",
+    ]
+    breast_raw = by_name["eval-breastmnist-raw-knn"]
+    assert breast_raw[breast_raw.index("--train") + 1] == "d/breastmnist.npz:train"
+    assert breast_raw[breast_raw.index("--val") + 1] == "d/breastmnist.npz:val"
+    assert breast_raw[breast_raw.index("--out") + 1] == str(
+        out / "eval" / "breastmnist" / "raw" / "knn"
+    )
+    with pytest.raises(LaunchError, match="one --test"):
+        plan_pipeline([*args, *evals[:-2], "--eval-train", "d/x.npz:train"], opts)
+
+    # the gather job: one column per dataset, the reference anchors of both below
+    cells = []
+    for dataset, label, acc, auc in [
+        ("pneumoniamnist", "runA", 0.8125, 0.9),
+        ("pneumoniamnist", "raw", 0.75, 0.7),
+        ("breastmnist", "runA", 0.625, 0.6),
+    ]:
+        cell_out = tmp_path / "t" / dataset / label / "knn"
+        cell_out.mkdir(parents=True)
+        (cell_out / "metrics.json").write_text(json.dumps(_metrics_doc(acc, auc)))
+        cells.append(
+            {"backbone": label, "label": label, "protocol": "knn", "dataset": dataset}
+            | {"out": str(cell_out)}
+        )
+    paths = gather_eval_table(tmp_path / "t", cells)
+    rows = json.loads(Path(paths["results.json"]).read_text())
+    assert [r["dataset"] for r in rows] == ["pneumoniamnist", "pneumoniamnist", "breastmnist"]
+    md = Path(paths["results.md"]).read_text()
+    assert "| backbone | pneumoniamnist | breastmnist |" in md
+    assert "| runA | 0.9000 / 0.8125 | 0.6000 / 0.6250 |" in md
+    assert "| raw | 0.7000 / 0.7500 | - |" in md
+    # MedMNIST v2's ResNet-18: 0.944 / 0.854 on PneumoniaMNIST, 0.901 / 0.863 on BreastMNIST
+    assert "| ResNet-18 (28) | 0.9440 / 0.8540 | 0.9010 / 0.8630 |" in md
+    assert "| breastmnist | runA | knn | k=20 | 0.6250 [0.525, 0.725] |" in md
+
+
 def test_backbone_labels_are_short_and_unique():
     taken: set[str] = set()
     labels = [

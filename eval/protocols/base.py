@@ -53,6 +53,19 @@ class ProtocolResult:
         }
 
 
+def dataset_name(spec: str) -> str:
+    """The name a dataset goes by in reports and reference lookup: the file or shard directory
+    it is read from (`breastmnist.npz:train` -> `breastmnist`, `shards/xray/` -> `xray`). From the
+    text alone, so the launcher can name datasets that later jobs will write."""
+    text = str(spec)
+    if ".npz:" in text:
+        text = text.rsplit(":", 1)[0]
+    path = Path(text)
+    if text.endswith(".tar"):
+        path = path.parent  # shards are named after their directory
+    return path.name.split(".")[0].lower()
+
+
 class EvalContext:
     """Features of train/val/test from one backbone, checked for consistent classes.
 
@@ -111,16 +124,13 @@ class EvalContext:
         the train file (breastmnist.npz:train -> breastmnist) for ordinal and reference lookup."""
         specs = {"train": train, "val": val, "test": test}
         parsed = {k: parse_spec(v) for k, v in specs.items() if v is not None}
-        train_path = parsed["train"].path
-        if parsed["train"].kind == "shards" and train_path.is_file():
-            train_path = train_path.parent  # shards are named after their directory
         return cls(
             cfg,
             train=extractor(parsed["train"]),
             test=extractor(parsed["test"]),
             val=extractor(parsed["val"]) if "val" in parsed else None,
             specs=specs,
-            dataset_name=train_path.name.split(".")[0].lower(),
+            dataset_name=dataset_name(train),
             extractor=extractor,
             out_dir=out_dir,
         )
