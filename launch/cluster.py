@@ -20,6 +20,7 @@ import submitit
 logger = logging.getLogger(__name__)
 
 CLUSTERS = ("local", "slurm", "debug")
+LOCAL_ARRAY_PARALLELISM = 1  # a local task already uses every core
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,7 +93,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--constraint")
     g.add_argument("--exclude")
     g.add_argument("--comment")
-    g.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")
+    g.add_argument(
+        "--array-parallelism",
+        type=int,
+        help="array tasks running at once (default: 64 on SLURM; 1 locally, where each task "
+        "already uses every core and several at once only thrash)",
+    )
     g.add_argument(
         "--max-requeues",
         type=int,
@@ -120,7 +126,10 @@ def options_from_args(args: argparse.Namespace, out_dir: Path) -> ClusterOptions
         (args.tasks_per_node is None or args.tasks_per_node >= 1, "--tasks-per-node must be >= 1"),
         (args.timeout_min >= 1, "--timeout-min must be >= 1"),
         (args.max_requeues >= 0, "--max-requeues must be >= 0"),
-        (args.array_parallelism >= 1, "--array-parallelism must be >= 1"),
+        (
+            args.array_parallelism is None or args.array_parallelism >= 1,
+            "--array-parallelism must be >= 1",
+        ),
         (
             args.cluster == "slurm" or args.nodes == 1,
             f"--cluster {args.cluster} runs on one node: use --nodes 1",
@@ -145,7 +154,8 @@ def options_from_args(args: argparse.Namespace, out_dir: Path) -> ClusterOptions
         constraint=args.constraint,
         exclude=args.exclude,
         comment=args.comment,
-        array_parallelism=args.array_parallelism,
+        array_parallelism=args.array_parallelism
+        or (64 if args.cluster == "slurm" else LOCAL_ARRAY_PARALLELISM),
         max_requeues=args.max_requeues,
         signal_delay_s=args.signal_delay_s,
     )

@@ -56,7 +56,13 @@ def test_cluster_flags_are_validated_with_the_flag_named(tmp_path):
     assert rest == ["--config", "r.yaml", "a.b=1"]  # the stage's own arguments pass through
     assert (opts.nodes, opts.gpus_per_node, opts.partition, opts.mem_gb) == (2, 8, "gpu", 64.0)
     assert opts.folder == (tmp_path / "launch" / "submitit").resolve()
+    # arrays: 64 tasks at once on SLURM; locally one at a time (each task uses every core)
+    assert opts.array_parallelism == 64
+    assert _opts(["eval", "--cluster", "local"], tmp_path)[0].array_parallelism == 1
+    local = _opts(["eval", "--cluster", "local", "--array-parallelism", "3"], tmp_path)[0]
+    assert local.array_parallelism == 3
     for argv, message in [
+        (["--array-parallelism", "0"], "--array-parallelism must be >= 1"),
         (["--cluster", "local", "--nodes", "2"], "--cluster local runs on one node"),
         (["--max-requeues", "-1"], "--max-requeues must be >= 0"),
         (["--tasks-per-node", "0"], "--tasks-per-node must be >= 1"),
