@@ -1,7 +1,8 @@
 """ingest -> curate -> pretrain -> eval as dependent jobs, all queued at once.
 
   python -m launch pipeline SRC... --out DIR --pretrain-config RECIPE --eval-train SPEC
-      --eval-test SPEC [--eval-val SPEC] [--eval-train ... again per dataset] [--protocol P ...] [--baseline raw] [--no-curate]
+      --eval-test SPEC [--eval-val SPEC] [the three again for each further dataset]
+      [--protocol P ...] [--baseline raw|RUN ...] [--no-curate]
       [--curate-config FILE] [--embed-groups N] [--ingest-array N] [--global-tasks M]
       [ingest.K=V] [curate.K=V] [pretrain.K=V] [eval.K=V]
 
