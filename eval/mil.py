@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from eval.features import FeatureError, FeatureExtractor, stain_setting
@@ -239,6 +239,12 @@ def _bag_loss(head: GatedAttentionMIL, inputs: list[torch.Tensor], labels: np.nd
     return float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
 
 
+def _grid(value: Any) -> list[float]:
+    """A config value that is one number or a list of numbers to choose from."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    return [float(v) for v in values]
+
+
 def _train_abmil(
     feats: np.ndarray,
     bags: Bags,
@@ -247,35 +253,44 @@ def _train_abmil(
     opts: DictConfig,
     num_classes: int,
     seed: int,
-) -> tuple[GatedAttentionMIL, _Standardise, int]:
-    """Gated ABMIL on cached features; with validation bags, the epoch of lowest validation loss
-    is kept (CLAM's early stopping). Returns (head, standardisation, epochs kept)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+) -> tuple[GatedAttentionMIL, _Standardise, int, dict[str, float]]:
+    """Gated ABMIL on cached features, one head per (lr, weight_decay) of the grid. With validation
+    bags each head keeps its epoch of lowest validation loss (CLAM's early stopping) and the head of
+    lowest validation loss wins (the way mean_pool's C is chosen); without them the grid's first
+    values are used. Returns (head, standardisation, epochs kept, the chosen lr / weight_decay)."""
     scale = _Standardise(feats[np.concatenate([bags.rows[b] for b in train])])
-    head = GatedAttentionMIL(feats.shape[1], int(opts.hidden), num_classes, float(opts.dropout))
-    optim = torch.optim.Adam(
-        head.parameters(), lr=float(opts.lr), weight_decay=float(opts.weight_decay)
-    )
     inputs = {b: scale(feats[bags.rows[b]]) for b in train}
     val_bags, val = validation
     val_inputs = [scale(feats[val_bags.rows[b]]) for b in val]
-    best, best_state, kept = float("inf"), None, int(opts.epochs)
-    for epoch in range(int(opts.epochs)):
-        head.train()
-        for b in rng.permutation(train):
-            logits, _ = head(inputs[b])
-            loss = nn.functional.cross_entropy(logits[None], torch.tensor([bags.labels[b]]))
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-        if val_inputs:
-            loss = _bag_loss(head, val_inputs, val_bags.labels[val])
-            if loss < best:
-                best, best_state, kept = loss, copy.deepcopy(head.state_dict()), epoch + 1
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return head.eval(), scale, kept
+    grid = [(lr, wd) for lr in _grid(opts.lr) for wd in _grid(opts.weight_decay)]
+    if not val_inputs:
+        grid = grid[:1]
+    best: tuple[float, GatedAttentionMIL, int, dict[str, float]] | None = None
+    for lr, wd in grid:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        head = GatedAttentionMIL(feats.shape[1], int(opts.hidden), num_classes, float(opts.dropout))
+        optim = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=wd)
+        lowest, best_state, kept = float("inf"), None, int(opts.epochs)
+        for epoch in range(int(opts.epochs)):
+            head.train()
+            for b in rng.permutation(train):
+                logits, _ = head(inputs[b])
+                loss = nn.functional.cross_entropy(logits[None], torch.tensor([bags.labels[b]]))
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+            if val_inputs:
+                loss = _bag_loss(head, val_inputs, val_bags.labels[val])
+                if loss < lowest:
+                    lowest, best_state, kept = loss, copy.deepcopy(head.state_dict()), epoch + 1
+        if best_state is not None:
+            head.load_state_dict(best_state)
+        if best is None or lowest < best[0]:
+            best = (lowest, head, kept, {"lr": lr, "weight_decay": wd})
+    assert best is not None
+    _, head, kept, chosen = best
+    return head.eval(), scale, kept, chosen
 
 
 def _prompt_model(backbone: nn.Module, opts: DictConfig, num_classes: int, seed: int):
@@ -420,6 +435,7 @@ def run_method(
     attention: list[np.ndarray | None] = [None] * len(test_bags)
     trainable = 0
     epochs_kept: list[int] = []
+    selected: list[dict[str, float]] = []
     for fold, (train, test) in enumerate(plans):
         fold_seed = seed + fold
         validation: tuple[Bags, np.ndarray] = (train_bags, np.zeros(0, np.int64))
@@ -436,10 +452,11 @@ def run_method(
             scores[test] = model.predict_proba(xt)
             trainable = int(model[-1].coef_.size + model[-1].intercept_.size)
         elif method == "abmil":
-            head, scale, kept = _train_abmil(
+            head, scale, kept, chosen = _train_abmil(
                 train_feats, train_bags, train, validation, cfg.abmil, num_classes, fold_seed
             )
             epochs_kept.append(kept)
+            selected.append(chosen)
             with torch.no_grad():
                 for b in test:
                     logits, att = head(scale(test_feats[test_bags.rows[b]]))
@@ -473,6 +490,7 @@ def run_method(
         "attention": attention,
         "trainable": int(trainable),
         "epochs_kept": epochs_kept,
+        "selected": selected,
         "seconds": time.time() - started,
     }
 
@@ -491,6 +509,9 @@ def _metrics(cfg: DictConfig, test_bags: Bags, runs: list[dict], backbone_params
     kept = [e for r in runs for e in r["epochs_kept"]]
     if kept:
         result["epochs_kept"] = kept  # per repeat and fold, by validation loss
+    selected = [c for r in runs for c in r["selected"]]
+    if selected:
+        result["selected"] = selected  # abmil's (lr, weight_decay) per repeat and fold
     trainable = runs[0]["trainable"]
     result.update(
         repeats=len(runs),
@@ -585,6 +606,16 @@ def run_mil(
         )
     if int(cfg.repeats) < 1:
         raise MILError(f"repeats must be >= 1, got {cfg.repeats}")
+    for key in ("lr", "weight_decay"):
+        try:
+            values = _grid(cfg.abmil[key])
+        except (TypeError, ValueError):
+            values = []
+        if not values or min(values) < 0 or (key == "lr" and min(values) == 0):
+            raise MILError(
+                f"abmil.{key} must be a number or a non-empty list of numbers "
+                f"({'> 0' if key == 'lr' else '>= 0'}), got {cfg.abmil[key]}"
+            )
     if not 0 <= float(cfg.val_fraction) < 1:
         raise MILError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if backbone == "raw":

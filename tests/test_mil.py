@@ -47,6 +47,36 @@ def test_synthetic_bags_follow_the_mnist_bags_protocol():
         assert (1 <= marks.sum() <= 3) if y == 1 else marks.sum() == 0
 
 
+def test_abmil_grid_keeps_the_head_of_lowest_validation_loss():
+    """Instance features where one dimension marks the positives: a head at lr 1e-9 cannot learn
+    them in 3 epochs, one at lr 1e-2 can; validation bags must pick the second."""
+    from omegaconf import OmegaConf
+
+    from eval.mil import _train_abmil
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 400 + [1] * 100)
+    feats = rng.normal(size=(500, 8)).astype(np.float32)
+    feats[labels == 1, 0] += 4.0
+    train = synthetic_bags(labels, 60, (5, 10), (1, 2), 1, seed=1)
+    val = synthetic_bags(labels, 30, (5, 10), (1, 2), 1, seed=2)
+    opts = OmegaConf.create(
+        {"hidden": 8, "dropout": 0.0, "epochs": 3, "lr": [1e-9, 1e-2], "weight_decay": [0.0]}
+    )
+    head, scale, kept, chosen = _train_abmil(
+        feats, train, np.arange(60), (val, np.arange(30)), opts, 2, seed=0
+    )
+    assert chosen == {"lr": 1e-2, "weight_decay": 0.0} and 1 <= kept <= 3
+    with torch.no_grad():
+        pos = [torch.softmax(head(scale(feats[val.rows[b]]))[0], -1)[1] for b in range(30)]
+    assert np.mean([float(p) for p, y in zip(pos, val.labels) if y]) > 0.8
+    # without validation bags the grid's first values are used
+    _, _, _, first = _train_abmil(
+        feats, train, np.arange(60), (val, np.zeros(0, np.int64)), opts, 2, seed=0
+    )
+    assert first == {"lr": 1e-9, "weight_decay": 0.0}
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -94,6 +124,9 @@ def test_mil_cli_on_pneumoniamnist_bags(export, medssl_data, tmp_path, capsys):
     abmil = doc["methods"]["abmil"]
     assert len(abmil["epochs_kept"]) == 2 and all(1 <= e <= 5 for e in abmil["epochs_kept"])
     assert abmil["repeats"] == 2 and abmil["auroc_std"] is not None
+    grid = {(lr, wd) for lr in (5e-4, 1e-4) for wd in (1e-4, 1e-1)}  # eval/configs/mil.yaml
+    assert len(abmil["selected"]) == 2
+    assert all((c["lr"], c["weight_decay"]) in grid for c in abmil["selected"])
     assert doc["bags"]["protocol"] == "train/test" and (out / "auroc.png").is_file()
     assert "| abmil |" in (out / "report.md").read_text()
 
@@ -107,7 +140,9 @@ def test_mil_refuses_bad_input_before_work(export, medssl_data, tmp_path, capsys
     assert "folds must be >= 2" in capsys.readouterr().err
     assert eval_main([*base, str(tmp_path / "c")]) == 2  # MNIST-bags share images: no CV
     assert "give --test-bags" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists()
+    assert eval_main([*base, str(tmp_path / "d"), "abmil.lr=[]", "--test-bags", f"{npz}:test"]) == 2
+    assert "abmil.lr must be" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 
 def test_mil_on_slides_of_a_tile_run(export, medssl_data, tmp_path, capsys):
