@@ -11,8 +11,10 @@ whose only non-overridable choice is the packed SwiGLU MLP (DINOv2's); every dim
 overridden explicitly. ResNets are torchvision models whose keys equal timm's `resnet18/50`.
 
 Backbone config keys (the `model:` section of the pretraining YAML holds the same keys):
-  arch             vit_tiny | vit_small | vit_base | vit_large | resnet18 | resnet50
-  patch_size       ViT patch size (4, 8, 14, 16); img_size must be a multiple of it
+  arch             vit_tiny | vit_small | vit_base | vit_large | vit_tiny_convstem | resnet18 |
+                   resnet50 (vit_tiny_convstem: ViT-tiny whose patch embedding is a ResNet stem)
+  patch_size       ViT patch size (4, 8, 14, 16); img_size must be a multiple of it; for
+                   vit_tiny_convstem a multiple of 4, the stem's stride
   img_size         global-crop size the position embedding is made for (28, 32, 64, 224...)
   in_chans         1 (grayscale) or 3
   depth            ViT blocks; null = the arch's (12 for tiny/small/base, 24 for large)
@@ -92,7 +94,13 @@ VIT_SIZES = {
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
+    "vit_tiny_convstem": (192, 12, 3),
 }
+# ViTs whose patch embedding is a ResNet stem (7x7 conv stride 2 + GroupNorm + ReLU + 3x3 max-pool
+# stride 2: stride 4) and a (patch_size / 4)-strided projection of its feature map: timm's
+# registered hybrid (R+ViT-Ti), so the export is plain timm. Early convolutions (Xiao et al. 2021)
+# are what lets a ViT learn from 28-32 px images in minutes (docs/benchmarks.md, issue 17).
+CONV_STEM_VITS = {"vit_tiny_convstem": ("vit_tiny_r_s16_p8_224", 4)}
 RESNET_FEATURES = {"resnet18": 512, "resnet50": 2048}
 VIT3D_ARCHS = ("vit3d_tiny", "vit3d_small", "vit3d_base")  # built by backbones3d (MONAI)
 
@@ -157,6 +165,13 @@ def resolve_backbone_config(cfg: Mapping | DictConfig) -> dict[str, Any]:
         raise BackboneError(
             f"img_size {c['img_size']} is not a multiple of patch_size {c['patch_size']}"
         )
+    if c["arch"] in CONV_STEM_VITS:
+        stride = CONV_STEM_VITS[c["arch"]][1]
+        if c["patch_size"] % stride or c["swiglu"]:
+            raise BackboneError(
+                f"{c['arch']} needs patch_size a multiple of its stem's stride {stride} "
+                f"(got {c['patch_size']}) and swiglu=false"
+            )
     if c["arch"] in RESNET_FEATURES:
         if c["reg_tokens"] or c["layerscale"] is not None or c["swiglu"] or c["depth"]:
             logger.warning("%s ignores ViT-only keys depth/reg_tokens/layerscale/swiglu", c["arch"])
@@ -188,15 +203,19 @@ def _timm_kwargs(c: dict[str, Any]) -> dict[str, Any]:
     dim, depth, heads = VIT_SIZES[arch]
     depth = c["depth"] or depth
     overlay["fixed_input_size"] = not c["dynamic_img_size"]
+    name, patch = SWIGLU_MODEL_NAME if c["swiglu"] else f"{arch}_patch16_224", c["patch_size"]
+    if arch in CONV_STEM_VITS:
+        stem_name, stride = CONV_STEM_VITS[arch]
+        name, patch = stem_name, c["patch_size"] // stride
     return {
-        "model_name": SWIGLU_MODEL_NAME if c["swiglu"] else f"{arch}_patch16_224",
+        "model_name": name,
         "pretrained": False,
         "num_classes": 0,
         "global_pool": "token",
         "class_token": True,
         "no_embed_class": False,
         "img_size": c["img_size"],
-        "patch_size": c["patch_size"],
+        "patch_size": patch,
         "in_chans": c["in_chans"],
         "embed_dim": dim,
         "depth": depth,

@@ -32,6 +32,9 @@ ROUND_TRIP_CASES = {
     "vit_tiny_swiglu": dict(arch="vit_tiny", patch_size=8, img_size=32, swiglu=True, reg_tokens=1),
     "resnet18_gray": dict(arch="resnet18", img_size=28, in_chans=1),
     "vit_tiny_p4_6_blocks": dict(arch="vit_tiny", patch_size=4, img_size=28, in_chans=1, depth=6),
+    "vit_tiny_convstem_p8_32_gray": dict(
+        arch="vit_tiny_convstem", patch_size=8, img_size=32, in_chans=1, layerscale=0.1
+    ),
 }
 
 
@@ -125,6 +128,11 @@ def test_multicrop_sizes_share_one_vit():
     with torch.no_grad():
         assert p14.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 1 + 256, 192)
         assert p14.forward_features(torch.randn(1, 3, 98, 98)).shape == (1, 1 + 49, 192)
+    # the conv-stem ViT: a 32 px global crop is 4 x 4 tokens of 8 px, a 16 px local crop 2 x 2
+    stem = build_backbone(dict(arch="vit_tiny_convstem", patch_size=8, img_size=32, in_chans=1))
+    with torch.no_grad():
+        assert stem.eval().forward_features(torch.randn(2, 1, 32, 32)).shape == (2, 1 + 16, 192)
+        assert stem.forward_features(torch.randn(2, 1, 16, 16)).shape == (2, 1 + 4, 192)
     fixed = build_backbone(dict(arch="vit_tiny", patch_size=4, img_size=28, dynamic_img_size=False))
     with pytest.raises(
         AssertionError
@@ -254,6 +262,8 @@ def test_config_and_export_refuse_bad_input(tmp_path):
         build_backbone({"arch": "vit_huge"})
     with pytest.raises(BackboneError, match="multiple of patch_size"):
         build_backbone({"arch": "vit_tiny", "patch_size": 16, "img_size": 28})
+    with pytest.raises(BackboneError, match="multiple of its stem's stride 4"):
+        resolve_backbone_config({"arch": "vit_tiny_convstem", "patch_size": 6, "img_size": 30})
     model = build_backbone(dict(arch="vit_tiny", patch_size=4, img_size=28))
     with pytest.raises(BackboneError, match="contradicts"):
         export_backbone(model, tmp_path, meta={"img_size": 64})
