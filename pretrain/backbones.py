@@ -98,8 +98,9 @@ VIT_SIZES = {
 }
 # ViTs whose patch embedding is a ResNet stem (7x7 conv stride 2 + GroupNorm + ReLU + 3x3 max-pool
 # stride 2: stride 4) and a (patch_size / 4)-strided projection of its feature map: timm's
-# registered hybrid (R+ViT-Ti), so the export is plain timm. Early convolutions (Xiao et al. 2021)
-# are what lets a ViT learn from 28-32 px images in minutes (docs/benchmarks.md, issue 17).
+# registered hybrid (R+ViT-Ti), so the export is plain timm. Early convolutions (Xiao et al. 2021):
+# on 28-32 px X-rays even a random stem's features beat a trained ViT-tiny/7's (docs/benchmarks.md,
+# issue 17).
 CONV_STEM_VITS = {"vit_tiny_convstem": ("vit_tiny_r_s16_p8_224", 4)}
 RESNET_FEATURES = {"resnet18": 512, "resnet50": 2048}
 VIT3D_ARCHS = ("vit3d_tiny", "vit3d_small", "vit3d_base")  # built by backbones3d (MONAI)
