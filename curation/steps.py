@@ -217,11 +217,10 @@ class Steps:
             summary = {**summary, "seconds": summary.get("seconds", t.seconds)}
             if self.writer:
                 self._save(name, key, inputs, summary, data, arrays)
-                got = self._load(name, key, inputs)
-                assert got is not None
-            else:  # what a load would return, without writing
-                doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
-                got = json.loads(json.dumps(doc, default=_json_default)), dict(arrays or {})
+            # what a load would return, built in memory: re-reading the file raced with array
+            # tasks of the same step rewriting it (CI under load: the file vanished in between)
+            doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
+            got = json.loads(json.dumps(doc, default=_json_default)), dict(arrays or {})
         self.keys[name] = key
         if self.stop_after == name:
             raise StopAfter(name)
