@@ -46,6 +46,7 @@ RECORD_FIELDS = (
     "key",
     "sha256",
     "patient",
+    "slide",  # tiles: the slide's pseudonym (sample.per_slide_max, near-duplicate groups across slides)
     "key_fingerprint",
     "modality",
     "height",

@@ -62,11 +62,11 @@ from pretrain.backbones import CONFIG_FILENAME, WEIGHTS_FILENAME, find_export
 from pretrain.config import ConfigError, load_config, save_config, split_overrides
 from pretrain.data.specs import DatasetSpecError
 from pretrain.distributed import (
-    barrier,
     cleanup_distributed,
     detect_env,
     global_rank,
     init_distributed,
+    wait_for_rank0,
     world_size,
 )
 
@@ -488,11 +488,11 @@ def run_ranked(cfg: DictConfig, *, stop_after: str | None, after_embed: bool) ->
     env = detect_env()
     if env.world_size == 1:
         return run_pipeline(cfg, stop_after=stop_after, after_embed=after_embed)
-    init_distributed(env, torch.device("cpu"), backend="gloo", timeout=RANK_WAIT)
+    init_distributed(env, torch.device("cpu"), backend="gloo")
     try:
         if env.rank == 0:
             run_pipeline(cfg, stop_after="decontam", after_embed=after_embed)
-        barrier()
+        wait_for_rank0("curation: decontam done", RANK_WAIT)
         if env.rank > 0 and cfg.balance.kmeans != "exact":
             return {}  # nothing to share: FAISS's k-means runs on rank 0
         return run_pipeline(

@@ -257,7 +257,7 @@ def wait_for(
         if not pending:
             break
         if timeout_s is not None and time.monotonic() - start > timeout_s:
-            ids = ", ".join(j.job_id for j in pending)
+            ids = ", ".join(f"{j.job_id} ({_state(j)})" for j in pending)
             raise JobFailed(f"jobs {ids} not finished after {timeout_s:.0f} s")
         time.sleep(poll_s)
     results = []
@@ -267,6 +267,15 @@ def wait_for(
         except Exception as exc:  # submitit wraps the job's traceback in its own error types
             raise JobFailed(f"job {job.job_id} failed:\n{exc}") from exc
     return results
+
+
+def _state(job: submitit.Job) -> str:
+    """The scheduler's word for a job (RUNNING, PENDING, ...): a timeout says whether it waited
+    for resources or hung."""
+    try:
+        return str(job.state)
+    except Exception as exc:  # the scheduler could not be asked
+        return f"state unknown: {exc}"
 
 
 def _finished(job: submitit.Job) -> bool:

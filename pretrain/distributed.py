@@ -21,7 +21,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-MIN_PORT, MAX_PORT = 20000, 60000
+# below Linux's ephemeral range (32768-60999): a port the kernel gave some client socket cannot
+# be bound by rank 0's rendezvous store, and the other ranks would wait on it for the whole timeout
+MIN_PORT, MAX_PORT = 20000, 32767
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,21 @@ def world_size() -> int:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def wait_for_rank0(key: str, timeout: timedelta) -> None:
+    """Rank 0 announces `key`; every other rank waits for it, up to `timeout`.
+
+    Through the rendezvous store rather than a collective, so that a wait of hours needs no
+    process-group timeout of hours (which would also be every collective's), and so that the
+    wait fails at once when rank 0 dies: the store lives in rank 0 and its connection closes."""
+    if not is_dist():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, "done")
+    else:
+        store.wait([key], timeout)
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

@@ -689,7 +689,7 @@ def test_distributed_environment_detection(monkeypatch):
         "gpu03",
         "slurm",
     )
-    assert 20000 <= slurm.master_port <= 60000 and slurm.master_port == du.detect_env().master_port
+    assert 20000 <= slurm.master_port <= 32767 and slurm.master_port == du.detect_env().master_port
     for k, v in dict(
         RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234"
     ).items():
@@ -709,6 +709,54 @@ def test_distributed_environment_detection(monkeypatch):
         "env",
     )
     assert du.rank_seed(0, 0) != du.rank_seed(0, 1)
+
+
+def _rank0_wait_worker(rank: int, port: int, rank0_dies: bool, result_dir: str) -> None:
+    import time
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    du.init_distributed(du.detect_env(), torch.device("cpu"), "gloo")
+    if rank == 0:
+        time.sleep(1.0)
+        if rank0_dies:
+            os._exit(3)  # as a killed or crashed rank 0: no word to anyone
+    start = time.monotonic()
+    try:
+        du.wait_for_rank0("phase one", timedelta(hours=1))
+        outcome = "released"
+    except Exception:  # the store's connection closed
+        outcome = "failed"
+    seconds = time.monotonic() - start
+    Path(result_dir, f"rank{rank}.json").write_text(json.dumps([outcome, seconds]))
+    if not rank0_dies:
+        du.barrier()  # rank 0's store outlives the others' wait
+        du.cleanup_distributed()
+
+
+@pytest.mark.parametrize("rank0_dies", [False, True])
+def test_other_ranks_wait_for_rank0_and_fail_at_once_when_it_dies(tmp_path, rank0_dies):
+    """The curation global job's ranks wait hours for rank 0 through the store: released when it
+    announces, failing within seconds (not after the hour's timeout) when it dies."""
+    ctx = mp.get_context("spawn")
+    port = free_ports(1)[0]
+    procs = [
+        ctx.Process(target=_rank0_wait_worker, args=(r, port, rank0_dies, str(tmp_path)))
+        for r in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert not any(p.is_alive() for p in procs), "a rank is still waiting"
+    for p in procs:
+        p.kill()
+    got = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (1, 2)}
+    for outcome, seconds in got.values():
+        assert outcome == ("failed" if rank0_dies else "released")
+        assert seconds < 60
+    assert procs[0].exitcode == (3 if rank0_dies else 0)
 
 
 def test_metrics_are_strict_json_lines(tiny_npz, tmp_path):

@@ -215,8 +215,19 @@ def runs(slurm_cluster, medssl_data, tmp_path_factory):
         try:
             outcome[name] = wait_for(job_list, timeout_s=JOB_TIMEOUT_S)
         except JobFailed as exc:
-            outcome[name] = exc
+            outcome[name] = JobFailed(f"{exc}\n{_log_tails(job_list)}")
     return outcome
+
+
+def _log_tails(jobs, lines: int = 15) -> str:
+    """The last lines of every task's stderr: what a failed or hung job was doing."""
+    out = []
+    for job in jobs:
+        for t in range(job.num_tasks):
+            text = job.task(t).stderr() or ""
+            tail = "\n".join(text.splitlines()[-lines:])
+            out.append(f"--- job {job.job_id} task {t} stderr (last {lines} lines):\n{tail}")
+    return "\n".join(out)
 
 
 def _ok(outcome, name):
@@ -361,7 +372,7 @@ def curation_jobs(slurm_cluster, medssl_data, tmp_path_factory):
         try:
             outcome[entry.name] = wait_for(entry.jobs, timeout_s=JOB_TIMEOUT_S)
         except JobFailed as exc:
-            outcome[entry.name] = exc
+            outcome[entry.name] = JobFailed(f"{exc}\n{_log_tails(entry.jobs)}")
     return outcome
 
 
