@@ -181,7 +181,9 @@ def wait_for_rank0(key: str, timeout: timedelta) -> None:
 
     Through the rendezvous store rather than a collective, so that a wait of hours needs no
     process-group timeout of hours (which would also be every collective's), and so that the
-    wait fails at once when rank 0 dies: the store lives in rank 0 and its connection closes."""
+    wait fails at once when rank 0 dies: the store lives in rank 0 and its connection closes.
+    A barrier follows (every rank is there by then), so rank 0 cannot finish and take the store
+    away before the others have seen the key."""
     if not is_dist():
         return
     store = dist.distributed_c10d._get_default_store()
@@ -189,6 +191,7 @@ def wait_for_rank0(key: str, timeout: timedelta) -> None:
         store.set(key, "done")
     else:
         store.wait([key], timeout)
+    dist.barrier()
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
