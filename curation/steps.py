@@ -215,12 +215,13 @@ class Steps:
             with Timer() as t:
                 summary, data, arrays = compute()
             summary = {**summary, "seconds": summary.get("seconds", t.seconds)}
+            doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
+            text = json.dumps(doc, default=_json_default)
             if self.writer:
-                self._save(name, key, inputs, summary, data, arrays)
+                self._save(name, text, summary, arrays)
             # what a load would return, built in memory: re-reading the file raced with array
             # tasks of the same step rewriting it (CI under load: the file vanished in between)
-            doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
-            got = json.loads(json.dumps(doc, default=_json_default)), dict(arrays or {})
+            got = json.loads(text), dict(arrays or {})
         self.keys[name] = key
         if self.stop_after == name:
             raise StopAfter(name)
@@ -248,20 +249,14 @@ class Steps:
         return doc, arrays
 
     def _save(
-        self,
-        name: str,
-        key: str,
-        inputs: dict,
-        summary: dict,
-        data: dict | None,
-        arrays: dict[str, np.ndarray] | None,
+        self, name: str, text: str, summary: dict, arrays: dict[str, np.ndarray] | None
     ) -> None:
-        (self.dir / f"{name}.json").unlink(missing_ok=True)  # its presence means done
+        """The step's arrays, then its JSON document `text` (whose presence means done)."""
+        (self.dir / f"{name}.json").unlink(missing_ok=True)
         if arrays:
             with atomic_open(self.dir / f"{name}.npz") as f:
                 np.savez(f, **arrays)
-        doc = {"key": key, "inputs": inputs, "summary": summary, "data": data or {}}
-        atomic_write(self.dir / f"{name}.json", json.dumps(doc, default=_json_default))
+        atomic_write(self.dir / f"{name}.json", text)
         self.summaries[name] = {**summary, "cached": False}
         if os.environ.get(TEST_EXIT_ENV) == name:
             logger.warning("%s=%s: exiting as if killed", TEST_EXIT_ENV, name)
