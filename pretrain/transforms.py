@@ -231,11 +231,13 @@ class MultiCropTransform:
         global_scale: tuple[float, float] = (0.32, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.32),
         preset: str = "gray",
+        jitter_strength: float = 1.0,
         channels: int | str = "repeat",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ):
-        jitter, finish = modality_jitter(preset), _finish(channels, mean, std)
+        jitter = modality_jitter(preset, jitter_strength)
+        finish = _finish(channels, mean, std)
         self.n_local = n_local
         self.global1 = v2.Compose(
             [*_crop(global_size, global_scale), *jitter, _blur(global_size, 1.0), *finish]

@@ -163,6 +163,8 @@ def test_composed_config_is_struct(tmp_path):
         ("dinov2.crops.global_crops_size=30", "dinov2.crops.global_crops_size"),
         ("dinov2.crops.local_crops_size=15", "dinov2.crops.local_crops_size"),
         ("dinov2.ibot.mask_ratio_min_max=[0.5,0.1]", "dinov2.ibot.mask_ratio_min_max"),
+        ("dinov2.crops.preset=grey", "dinov2.crops.preset"),
+        ("dinov2.crops.jitter_strength=-0.5", "dinov2.crops.jitter_strength"),
     ],
 )
 def test_method_checks_refuse_before_any_work_in_pretrain_and_launch(

@@ -148,3 +148,12 @@ def test_jitter_strength_zero_leaves_intensities_alone_and_one_is_the_default(pr
     assert gray.gamma == pytest.approx((0.7, 1.5))
     with pytest.raises(ValueError, match="strength"):
         modality_jitter(preset, -1.0)
+
+
+def test_multicrop_jitter_strength_scales_every_view():
+    views = MultiCropTransform(32, 16, 2, preset="gray", jitter_strength=0.5)
+    for view in (views.global1, views.global2, views.local):
+        (jitter,) = [t for t in view.transforms if isinstance(t, RandomGrayIntensity)]
+        assert (jitter.window, jitter.brightness, jitter.contrast) == pytest.approx(
+            (0.05, 0.2, 0.2)
+        )

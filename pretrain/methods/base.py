@@ -25,7 +25,24 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from pretrain.config import ConfigError
+from pretrain.transforms import PRESETS
+
 logger = logging.getLogger(__name__)
+
+
+def check_augmentation(section: str, views: DictConfig) -> None:
+    """Refuse an unknown `<section>.preset` or a negative `<section>.jitter_strength` before any
+    work: the transform itself is built only when the loader starts."""
+    if str(views.preset) not in PRESETS:
+        raise ConfigError(
+            f"{section}.preset={views.preset!r} is unknown; choose one of {', '.join(PRESETS)}"
+        )
+    if float(views.jitter_strength) < 0:
+        raise ConfigError(
+            f"{section}.jitter_strength must be >= 0 (0: no intensity jitter), "
+            f"got {views.jitter_strength}"
+        )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pretrain.components.losses import DINOLoss
 from pretrain.components.masks import MultiCropCollate
 from pretrain.config import ConfigError, plain
 from pretrain.methods import register_method
-from pretrain.methods.base import SSLMethod, StepState
+from pretrain.methods.base import SSLMethod, StepState, check_augmentation
 from pretrain.optim import param_groups_lrd
 from pretrain.schedules import self_distillation_schedules
 from pretrain.transforms import MultiCropTransform
@@ -72,6 +72,7 @@ class DINO(SSLMethod):
                 )
         if int(c.crops.local_crops_number) < 0:
             raise ConfigError("dino.crops.local_crops_number must be >= 0")
+        check_augmentation("dino.crops", c.crops)
         if float(c.student_temp) <= 0 or float(c.teacher.teacher_temp) <= 0:
             raise ConfigError("dino.student_temp and dino.teacher.teacher_temp must be > 0")
 
@@ -123,6 +124,7 @@ class DINO(SSLMethod):
             global_scale=tuple(c.global_crops_scale),
             local_scale=tuple(c.local_crops_scale),
             preset=str(c.preset),
+            jitter_strength=float(c.jitter_strength),
             channels=self.cfg.data.channels,
         )
 

@@ -36,7 +36,7 @@ from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
 from pretrain.config import ConfigError, plain
 from pretrain.distributed import is_dist
 from pretrain.methods import register_method
-from pretrain.methods.base import SSLMethod, StepState
+from pretrain.methods.base import SSLMethod, StepState, check_augmentation
 from pretrain.optim import param_groups_lrd
 from pretrain.schedules import self_distillation_schedules
 from pretrain.transforms import MultiCropTransform
@@ -163,6 +163,7 @@ class DINOv2(SSLMethod):
             raise ConfigError("dinov2.ibot.mask_sample_probability must be in [0, 1]")
         if int(c.crops.local_crops_number) < 0:
             raise ConfigError("dinov2.crops.local_crops_number must be >= 0")
+        check_augmentation("dinov2.crops", c.crops)
         g = c.gram
         if float(g.loss_weight) < 0:
             raise ConfigError("dinov2.gram.loss_weight must be >= 0 (0 turns Gram anchoring off)")
@@ -301,6 +302,7 @@ class DINOv2(SSLMethod):
             global_scale=tuple(c.global_crops_scale),
             local_scale=tuple(c.local_crops_scale),
             preset=str(c.preset),
+            jitter_strength=float(c.jitter_strength),
             channels=self.cfg.data.channels,
         )
 

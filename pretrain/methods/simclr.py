@@ -27,7 +27,7 @@ from pretrain.components.heads import projection_head
 from pretrain.components.losses import nt_xent_loss
 from pretrain.config import ConfigError
 from pretrain.methods import register_method
-from pretrain.methods.base import SSLMethod, StepState
+from pretrain.methods.base import SSLMethod, StepState, check_augmentation
 from pretrain.optim import param_groups_lrd
 from pretrain.transforms import SimCLRTransform
 
@@ -65,6 +65,8 @@ class SimCLR(SSLMethod):
         lo, hi = (float(v) for v in c.crop_scale)
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"{name}.crop_scale must be [min, max] with 0 < min <= max <= 1")
+        if "preset" in c:  # simclr3d views volumes: no intensity preset
+            check_augmentation(name, c)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
