@@ -9,7 +9,8 @@ Resuming is the stages' own business: pretrain restarts from the newest checkpoi
 ingest skips committed inputs. So every path back into the queue re-runs the same command:
 - preemption / time limit: SLURM sends USR2 (`--signal USR2@delay`); submitit's handler on rank 0
   calls `checkpoint()` (stops the child, returns this same job) and requeues it, up to
-  `--max-requeues` times;
+  `--max-requeues` times, with SIGTERM ignored meanwhile so that SLURM's stopping of the step
+  cannot kill `scontrol requeue` half-way and turn a requeue into a failed job;
 - `scontrol requeue` (or a node drain): SLURM sends SIGTERM, which submitit only logs; the child
   dies of it, this process notes the signal and waits for SLURM to finish the attempt instead of
   reporting a failure; the requeued job starts the command again.
@@ -119,6 +120,17 @@ def _tee(src: BinaryIO, sinks: Sequence[BinaryIO | None]) -> None:
 def _child_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
     # The preemption signal (USR2) is the parent's to handle; the child is stopped with SIGTERM.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _signal_ignored(sig: int) -> Iterator[None]:
+    """Ignore `sig` here and in every process started meanwhile, then restore its handler."""
+    previous = signal.getsignal(sig)
+    signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 class StageJob(Checkpointable):
@@ -341,7 +353,13 @@ class StageJob(Checkpointable):
             self._signal_child(signal.SIGTERM)
             handler = previous.get(signum)
             if signum == usr_sig and callable(handler):
-                handler(signum, frame)  # submitit: rank 0 checkpoints, requeues and exits
+                # submitit: rank 0 checkpoints, runs `scontrol requeue` and exits. SLURM's SIGTERM to
+                # every process of the step (sent by the requeue itself, or by a preemption's
+                # SIGTERM delivered late) can kill scontrol before it returns, and submitit then
+                # reports the job failed. An ignored signal stays ignored across exec, so scontrol
+                # started now finishes its call; SLURM's SIGKILL still ends everything.
+                with _signal_ignored(signal.SIGTERM):
+                    handler(signum, frame)
 
         for sig in previous:
             signal.signal(sig, on_signal)

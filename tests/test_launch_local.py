@@ -168,6 +168,52 @@ def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
     ]
 
 
+REQUEUE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    import launch.jobs as jobs
+
+    def requeue(signum, frame):  # submitit's handler: `scontrol requeue`, then exit
+        # SLURM stops every process of the step while scontrol waits for its reply
+        killed_mid_call = "import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)"
+        subprocess.check_call([sys.executable, "-c", killed_mid_call])
+        print("REQUEUED", flush=True)
+        sys.exit(4)
+
+    signal.signal(jobs.submitit.JobEnvironment._usr_sig(), requeue)
+    job = jobs.StageJob("sleeper", "timeit", ["-n", "1", "import time; time.sleep(60)"], sys.argv[2])
+    job()
+    """
+)
+
+
+def test_requeue_command_survives_the_sigterm_of_the_requeue_it_sent(tmp_path):
+    """On USR2 submitit runs `scontrol requeue`; SLURM's SIGTERM to the step can reach scontrol
+    before it returns. The requeue must still complete and end the attempt as stopped, not raise
+    (which submitit records as a failed job: the preemption test on the real cluster saw it)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REQUEUE_SCRIPT, str(REPO), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(r["event"] == "start" for r in read_attempts(out)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 4, stderr
+    assert "REQUEUED" in stdout
+    end = [r for r in read_attempts(out) if r["event"] == "end"]
+    assert [(e["status"], e["signal"]) for e in end] == [("stopped", "SIGUSR2")]
+    # SIGTERM is this process's to handle again once the requeue call is over
+    assert "CalledProcessError" not in stderr
+
+
 def test_cli_refuses_a_bad_pretrain_config_before_submitting(tmp_path, capsys):
     out = tmp_path / "run"
     code = launch_main(
