@@ -4,7 +4,8 @@ Measured in one run, on synthetic batches shaped like what each method's loader 
   1. the machine's matmul peak: large square torch.mm in fp32 and bf16 (the MFU denominator);
   2. `dinov2`: `pretrain.engine.Engine.train_step` with the dinov2 method (DINO + iBOT + KoLeo,
      EMA teacher, AdamW, grad clipping) on 2 global + n local crops per image, exactly what
-     `python -m pretrain` runs per batch;
+     `python -m pretrain` runs per batch; `dinov2_fsdp`: the same step with `dist.fsdp=true` in a
+     process group of one rank (FSDP2's wrapping, gathers and sharded optimizer, nothing sharded);
   3. `timm`: a bare timm ViT fwd+bwd on the DINOv2 global-crop batch (the backbone alone);
   4. `lightly`: lightly's DINO pieces side by side (lightly.loss.DINOLoss + DINOProjectionHead on
      the same timm ViT, EMA teacher, one forward per view as in lightly's examples), when
@@ -13,6 +14,10 @@ Measured in one run, on synthetic batches shaped like what each method's loader 
      decoder 8 x 512, norm_pix_loss, AdamW), one image per sample;
   6. `simclr`: the engine step of pretrain/configs/simclr_resnet50.yaml (ResNet-50 at 224, two
      views, 3-layer projection head with BN, NT-Xent, LARS).
+`--recipe dinov2_vits14` (any DINOv2 recipe in pretrain/configs, or a path) takes the backbone, crop
+sizes, prototypes and per-GPU batch from that recipe for dinov2, timm and lightly alike (explicit
+options still win), and every other setting of the dinov2 step from the recipe too. On CUDA each row
+also reports the step's peak GPU memory (torch.cuda.max_memory_allocated).
 The method workloads build the recipe's merged config (default + method defaults + recipe) and go
 through build_method/Engine, so what is timed is the code a real run executes; only sizes,
 the schedule length and the precision are overridden. images/s counts source images (a DINOv2
@@ -25,6 +30,7 @@ bf16 matmul support).
     .venv/bin/python bench/train_step.py                      # the recipes' models at 224, batch 16
     .venv/bin/python bench/train_step.py --quick              # small models/images: minutes on a CPU
     .venv/bin/python bench/train_step.py --mae-batch 128 --simclr-batch 256   # on a GPU
+    bash bench/gpu_step.sh        # issue 17 item 5: the ViT-S/14 and ViT-B/14 recipes on one GPU
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -61,7 +68,8 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # --max-step-seconds guesses a step at this fraction of the peak (bf16 on this CPU: 10-35 %)
 ASSUMED_MFU = 0.2
-WORKLOADS = ("dinov2", "timm", "lightly", "mae", "simclr")
+WORKLOADS = ("dinov2", "dinov2_fsdp", "timm", "lightly", "mae", "simclr")
+DEFAULT_WORKLOADS = ("dinov2", "timm", "lightly", "mae", "simclr")
 # --quick: defaults small enough for a 2-core CPU (explicit options still win)
 QUICK = {
     "batch": 2,
@@ -179,7 +187,50 @@ def engine_step(
     return lambda: engine.train_step(batch)
 
 
-def dinov2_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
+def recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix != ".yaml":
+        path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--recipe {name}: no such recipe ({path})")
+    return path
+
+
+def recipe_defaults(name: str) -> dict:
+    """The sizes a DINOv2 recipe trains with, as this script's option defaults."""
+    cfg = compose_config(recipe_path(name), ["data.train=synthetic", "output_dir=unused"])
+    if str(cfg.method) != "dinov2":
+        raise SystemExit(f"--recipe {name}: method {cfg.method}, not dinov2")
+    crops = cfg.dinov2.crops
+    return {
+        "arch": str(cfg.model.arch),
+        "patch": int(cfg.model.patch_size),
+        "global_size": int(crops.global_crops_size),
+        "local_size": int(crops.local_crops_size),
+        "n_local": int(crops.local_crops_number),
+        "prototypes": int(cfg.dinov2.dino.head_n_prototypes),
+        "batch": int(cfg.data.batch_size),
+    }
+
+
+def one_process_group(device: torch.device, out_dir: str) -> None:
+    """A process group of world size 1, which FSDP needs even when it shards nothing."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"file://{os.path.join(out_dir, 'process-group')}",
+            rank=0,
+            world_size=1,
+        )
+
+
+def dinov2_step(
+    args: argparse.Namespace,
+    precision: str,
+    device: torch.device,
+    out_dir: str,
+    fsdp: bool = False,
+):
     overrides = [
         "method=dinov2",
         f"data.batch_size={args.batch}",
@@ -188,15 +239,19 @@ def dinov2_step(args: argparse.Namespace, precision: str, device: torch.device, 
         f"model.img_size={args.global_size}",
         "model.in_chans=3",
         "data.channels=3",
-        "model.layerscale=1e-5",
-        "model.drop_path_rate=0.1",
         f"dinov2.crops.global_crops_size={args.global_size}",
         f"dinov2.crops.local_crops_size={args.local_size}",
         f"dinov2.crops.local_crops_number={args.n_local}",
         f"dinov2.dino.head_n_prototypes={args.prototypes}",
     ]
+    if args.recipe is None:  # DINOv2's ViT settings; a recipe brings its own
+        overrides += ["model.layerscale=1e-5", "model.drop_path_rate=0.1"]
+    if fsdp:
+        one_process_group(device, out_dir)
+        overrides.append("dist.fsdp=true")
+    recipe = recipe_path(args.recipe) if args.recipe else None
     batch = multicrop_batch(args, device)
-    return engine_step(args, None, overrides, batch, precision, device, out_dir)
+    return engine_step(args, recipe, overrides, batch, precision, device, out_dir)
 
 
 def mae_step(args: argparse.Namespace, precision: str, device: torch.device, out_dir: str):
@@ -297,9 +352,12 @@ def measure(
     device,
     peaks: dict[str, float],
     flops_cache: dict[str, int],
+    flops_key: str | None = None,
 ) -> dict:
+    """`flops_key`: workloads that compute the same model share one FLOP count."""
     row: dict = {"workload": name, "precision": precision, "batch": batch}
-    flops = flops_cache.get(name)
+    flops_key = flops_key or name
+    flops = flops_cache.get(flops_key)
     if flops is not None:
         estimate = flops / (peaks[precision] * ASSUMED_MFU)
         if estimate > args.max_step_seconds:
@@ -308,10 +366,12 @@ def measure(
                 f"~{estimate / 60:.0f} min (> --max-step-seconds {args.max_step_seconds:.0f})"
             )
             return row
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step = make()
     if flops is None:  # the first (warmup) step is counted
         flops = count_flops(step)
-        flops_cache[name] = flops
+        flops_cache[flops_key] = flops
         warmup = args.warmup - 1
     else:
         warmup = args.warmup
@@ -326,6 +386,8 @@ def measure(
         model_tflop_s=flop_s / 1e12,
         mfu=flop_s / peaks[precision],
     )
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
 
@@ -334,13 +396,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help=f"small sizes for a CPU: {QUICK}")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a DINOv2 recipe (pretrain/configs name or path): its sizes and settings",
+    )
     p.add_argument("--batch", type=int, default=16, help="images per step (0 in --*-batch: this)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per workload")
     p.add_argument(
         "--warmup", type=int, default=1, help="untimed steps first (the first counts FLOPs)"
     )
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {WORKLOADS}")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"any of {WORKLOADS}")
     p.add_argument("--arch", default="vit_small", help="dinov2/timm/lightly backbone")
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--global-size", type=int, default=224)
@@ -357,8 +424,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--max-step-seconds", type=float, default=600.0)
-    if p.parse_known_args(argv)[0].quick:
+    known = p.parse_known_args(argv)[0]
+    if known.quick:
         p.set_defaults(**QUICK)
+    if known.recipe:
+        p.set_defaults(**recipe_defaults(known.recipe))
     args = p.parse_args(argv)
     args.mae_batch = args.mae_batch or args.batch
     args.simclr_batch = args.simclr_batch or args.batch
@@ -412,6 +482,12 @@ def main(argv: list[str] | None = None) -> None:
                     lambda pr=precision: dinov2_step(args, pr, device, tmp),
                 ),
                 (
+                    "dinov2_fsdp",
+                    "medssl_dinov2_fsdp",
+                    args.batch,
+                    lambda pr=precision: dinov2_step(args, pr, device, tmp, fsdp=True),
+                ),
+                (
                     "timm",
                     "timm_vit_fwd_bwd",
                     args.batch,
@@ -439,26 +515,34 @@ def main(argv: list[str] | None = None) -> None:
             for key, name, batch, make in makers:
                 if key not in wanted or (key == "lightly" and not has_lightly):
                     continue
-                row = measure(name, batch, make, precision, args, device, peaks, flops_cache)
+                flops_key = "dinov2" if key == "dinov2_fsdp" else key
+                row = measure(
+                    name, batch, make, precision, args, device, peaks, flops_cache, flops_key
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 gc.collect()  # free this workload's model before the next one
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     print_table(rows)
 
 
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'workload':<24} {'prec':<5} {'img/s':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>7}"
+        f" {'peak GiB':>9}"
     )
     for r in rows:
         if "skipped" in r:
             print(f"{r['workload']:<24} {r['precision']:<5} skipped: {r['skipped']}")
             continue
+        peak = f"{r['peak_mem_gib']:>9.2f}" if "peak_mem_gib" in r else f"{'-':>9}"
         print(
             f"{r['workload']:<24} {r['precision']:<5} {r['images_per_s']:>8.2f} "
-            f"{r['gflop_per_image']:>10.1f} {r['model_tflop_s']:>8.3f} {100 * r['mfu']:>6.1f}%"
+            f"{r['gflop_per_image']:>10.1f} {r['model_tflop_s']:>8.3f} {100 * r['mfu']:>6.1f}% "
+            f"{peak}"
         )
     ours = {r["precision"]: r for r in rows if r["workload"] == "medssl_dinov2" and "mfu" in r}
     lite = {r["precision"]: r for r in rows if r["workload"] == "lightly_dino" and "mfu" in r}

@@ -150,7 +150,9 @@ class Engine:
                 "times slower than fp32 here (bench/train_step.py); train.precision=fp32 is faster",
                 torch.backends.cpu.get_cpu_capability(),
             )
-        self.fsdp = bool(cfg.dist.fsdp) and world_size > 1
+        # FSDP needs a process group; one of world size 1 shards nothing but runs FSDP's code path
+        # (bench/train_step.py measures its overhead that way)
+        self.fsdp = bool(cfg.dist.fsdp) and (world_size > 1 or du.is_dist())
 
         du.seed_everything(int(cfg.train.seed))  # identical initial weights on every rank
         self.method: SSLMethod = build_method(cfg).to(device)
@@ -245,10 +247,10 @@ class Engine:
 
     # ---- wrapping ------------------------------------------------------------------------------
     def _wrap(self) -> nn.Module:
-        if self.world_size == 1:
-            return self.method
         if self.fsdp:
             _shard_fsdp(self.method, self.device)
+            return self.method
+        if self.world_size == 1:
             return self.method
         from torch.nn.parallel import DistributedDataParallel as DDP
 

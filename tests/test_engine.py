@@ -371,6 +371,49 @@ def test_two_process_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(t
         torch.testing.assert_close(res["grad"], expected)
 
 
+def test_fsdp_in_a_one_process_group_takes_the_unsharded_step(tiny_npz, tmp_path):
+    """dist.fsdp in a process group of world size 1 (how bench/train_step.py times FSDP on one
+    GPU) runs FSDP's wrapper around DINOv2's student and EMA teacher, and its steps give the
+    weights that the unwrapped engine gives."""
+    dinov2 = {
+        "method": "dinov2",
+        "dinov2.crops.global_crops_size": 16,
+        "dinov2.crops.local_crops_size": 8,
+        "dinov2.crops.local_crops_number": 2,
+        "dinov2.dino.head_n_prototypes": 64,
+        "dinov2.ibot.head_n_prototypes": 64,
+    }
+    gen = torch.Generator().manual_seed(0)
+    crops = {
+        "global_crops": [torch.rand(4, 1, 16, 16, generator=gen) for _ in range(2)],
+        "local_crops": [torch.rand(4, 1, 8, 8, generator=gen) for _ in range(2)],
+    }
+    batch = (crops, torch.zeros(4, dtype=torch.long))  # iBOT masks drawn in the step, seeded
+    cpu = torch.device("cpu")
+    plain = Engine(config(tiny_npz, tmp_path / "plain", **dinov2), device=cpu, steps_per_epoch=4)
+    for _ in range(2):
+        assert not plain.train_step(batch)["skipped"]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        cfg = config(tiny_npz, tmp_path / "fsdp", **dinov2, **{"dist.fsdp": True})
+        sharded = Engine(cfg, device=cpu, steps_per_epoch=4)
+        assert sharded.fsdp and sharded.model is sharded.method
+        assert any(type(p).__name__ == "DTensor" for p in sharded.method.parameters())
+        for _ in range(2):
+            assert not sharded.train_step(batch)["skipped"]
+        got, _ = sharded.state_dicts()
+    finally:
+        torch.distributed.destroy_process_group()
+    ref = plain.method.state_dict()
+    init = build_state_init(config(tiny_npz, tmp_path / "init", **dinov2))
+    assert any(not torch.equal(ref[k], init[k]) for k in init)  # the steps moved the weights
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def build_state_init(cfg) -> dict:
     du.seed_everything(int(cfg.train.seed))
     return build_method(cfg).state_dict()
