@@ -10,7 +10,8 @@ MNIST-bags bag (Ilse et al. 2018: 10-30 images, a positive bag holds 1-3 images 
 `positive_class`). Instance features are extracted once (the eval feature cache); then
 
 - mean_pool: the mean instance feature, standardised, logistic regression (C by 3-fold CV);
-- abmil: gated attention MIL (Ilse et al. 2018) on the cached features;
+- abmil: gated attention MIL (Ilse et al. 2018) on the cached features, optionally trained with
+  CLAM's instance clustering loss (`abmil.instance_loss_weight`, Lu et al. 2021);
 - prompt_mil: Prompt-MIL (Zhang et al. 2023): VPT prompt tokens in the frozen ViT
   (eval/adapters.py) trained end to end with an ABMIL head, through the backbone on the images.
 
@@ -232,6 +233,33 @@ class _Standardise:
         return torch.from_numpy(((x - self.mean) / self.std).astype(np.float32))
 
 
+def instance_loss(
+    head: GatedAttentionMIL, h: torch.Tensor, attention: torch.Tensor, label: int, k: int
+) -> torch.Tensor:
+    """CLAM's instance clustering (Lu et al. 2021) for a binary bag, through the bag classifier.
+
+    ABMIL's bag logits are the attention-weighted mean of `head.classifier` applied to each
+    instance, so the same classifier scores instances. In a positive bag the k instances of
+    highest attention are taken as positive and the k of lowest as negative (CLAM's in-class
+    rule); in a negative bag the k of highest attention are negative (its out-of-class rule: the
+    hardest negatives). Attention picks the instances and gets no gradient from this loss.
+
+    >>> head = GatedAttentionMIL(dim=8, hidden=4)
+    >>> h = torch.randn(12, 8)
+    >>> loss = instance_loss(head, h, head(h)[1], label=1, k=2)
+    >>> loss.shape
+    torch.Size([])
+    """
+    k = min(k, len(h) // 2) if label == 1 else min(k, len(h))
+    order = torch.argsort(attention.detach(), descending=True)
+    if label == 1:
+        chosen = torch.cat([order[:k], order[len(order) - k :]])
+        targets = torch.cat([torch.ones(k), torch.zeros(k)]).long()
+    else:
+        chosen, targets = order[:k], torch.zeros(k, dtype=torch.long)
+    return nn.functional.cross_entropy(head.classifier(h[chosen]), targets)
+
+
 def _bag_loss(head: GatedAttentionMIL, inputs: list[torch.Tensor], labels: np.ndarray) -> float:
     head.eval()
     with torch.no_grad():
@@ -265,6 +293,7 @@ def _train_abmil(
     grid = [(lr, wd) for lr in _grid(opts.lr) for wd in _grid(opts.weight_decay)]
     if not val_inputs:
         grid = grid[:1]
+    inst_weight, inst_k = float(opts.instance_loss_weight), int(opts.instance_k)
     best: tuple[float, GatedAttentionMIL, int, dict[str, float]] | None = None
     for lr, wd in grid:
         torch.manual_seed(seed)
@@ -275,8 +304,11 @@ def _train_abmil(
         for epoch in range(int(opts.epochs)):
             head.train()
             for b in rng.permutation(train):
-                logits, _ = head(inputs[b])
+                logits, attention = head(inputs[b])
                 loss = nn.functional.cross_entropy(logits[None], torch.tensor([bags.labels[b]]))
+                if inst_weight > 0:  # CLAM: 0.7 x bag loss + 0.3 x instance loss
+                    inst = instance_loss(head, inputs[b], attention, int(bags.labels[b]), inst_k)
+                    loss = (1 - inst_weight) * loss + inst_weight * inst
                 optim.zero_grad()
                 loss.backward()
                 optim.step()
@@ -616,6 +648,11 @@ def run_mil(
                 f"abmil.{key} must be a number or a non-empty list of numbers "
                 f"({'> 0' if key == 'lr' else '>= 0'}), got {cfg.abmil[key]}"
             )
+    if not 0 <= float(cfg.abmil.instance_loss_weight) < 1 or int(cfg.abmil.instance_k) < 1:
+        raise MILError(
+            "abmil.instance_loss_weight must be in [0, 1) and abmil.instance_k >= 1, got "
+            f"{cfg.abmil.instance_loss_weight} and {cfg.abmil.instance_k}"
+        )
     if not 0 <= float(cfg.val_fraction) < 1:
         raise MILError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if backbone == "raw":
@@ -656,6 +693,11 @@ def run_mil(
             test_x, test_set = train_x, train_bags
             splits = _splits(train_bags, int(cfg.folds), repeat_seed)
         num_classes = int(max(train_bags.labels.max(), test_set.labels.max()) + 1)
+        if num_classes != 2 and "abmil" in cfg.methods and cfg.abmil.instance_loss_weight > 0:
+            raise MILError(
+                f"abmil.instance_loss_weight needs binary bag labels (negative 0, positive 1); "
+                f"these bags have {num_classes} classes"
+            )
         for method in cfg.methods:
             logger.info("running %s (repeat %d/%d)", method, repeat + 1, int(cfg.repeats))
             runs[method].append(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval.__main__ import main as eval_main
-from eval.mil import GatedAttentionMIL, synthetic_bags
+from eval.mil import GatedAttentionMIL, instance_loss, synthetic_bags
 from pretrain.backbones import build_backbone, export_backbone
 
 
@@ -33,6 +33,32 @@ def test_gated_attention_by_hand():
         (head.classifier.weight @ pooled + head.classifier.bias).detach().numpy(),
         rtol=1e-5,
     )
+
+
+def test_instance_loss_by_hand():
+    """Instance logits through the bag classifier [0, h0 - h1]; attention ranks 1, 2, 0, 3."""
+    head = GatedAttentionMIL(dim=2, hidden=3, num_classes=2, dropout=0.0)
+    with torch.no_grad():
+        head.classifier.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, -1.0]]))
+        head.classifier.bias.zero_()
+    h = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    attention = head(h)[1] * 0 + torch.tensor([0.1, 0.5, 0.3, 0.05])  # keeps the graph
+    # positive bag, k=1: instance 1 (logit -1) taken as positive, instance 3 (logit 0) as negative
+    positive = instance_loss(head, h, attention, label=1, k=1)
+    expected = (np.log1p(np.e) + np.log(2)) / 2
+    np.testing.assert_allclose(positive.item(), expected, rtol=1e-6)
+    # negative bag, k=2: instances 1 and 2 (logits -1, 0) taken as negative
+    negative = instance_loss(head, h, attention, label=0, k=2)
+    np.testing.assert_allclose(negative.item(), (np.log1p(np.exp(-1)) + np.log(2)) / 2, rtol=1e-6)
+    # k beyond half a positive bag: one instance each way, not the same instance twice
+    np.testing.assert_allclose(
+        instance_loss(head, h[:3], attention[:3], 1, k=5).item(),
+        np.log1p(np.e) / 2 + np.log1p(np.exp(2)) / 2,
+        rtol=1e-6,
+    )
+    # attention only chooses: the loss sends no gradient into the attention branch
+    positive.backward()
+    assert head.w.weight.grad is None and head.classifier.weight.grad is not None
 
 
 def test_synthetic_bags_follow_the_mnist_bags_protocol():
@@ -61,7 +87,15 @@ def test_abmil_grid_keeps_the_head_of_lowest_validation_loss():
     train = synthetic_bags(labels, 60, (5, 10), (1, 2), 1, seed=1)
     val = synthetic_bags(labels, 30, (5, 10), (1, 2), 1, seed=2)
     opts = OmegaConf.create(
-        {"hidden": 8, "dropout": 0.0, "epochs": 3, "lr": [1e-9, 1e-2], "weight_decay": [0.0]}
+        {
+            "hidden": 8,
+            "dropout": 0.0,
+            "epochs": 3,
+            "lr": [1e-9, 1e-2],
+            "weight_decay": [0.0],
+            "instance_loss_weight": 0.0,
+            "instance_k": 1,
+        }
     )
     head, scale, kept, chosen = _train_abmil(
         feats, train, np.arange(60), (val, np.arange(30)), opts, 2, seed=0
