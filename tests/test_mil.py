@@ -176,7 +176,11 @@ def test_mil_refuses_bad_input_before_work(export, medssl_data, tmp_path, capsys
     assert "give --test-bags" in capsys.readouterr().err
     assert eval_main([*base, str(tmp_path / "d"), "abmil.lr=[]", "--test-bags", f"{npz}:test"]) == 2
     assert "abmil.lr must be" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    test_bags = ["--test-bags", f"{npz}:test"]
+    assert eval_main([*base, str(tmp_path / "e"), "abmil.instance_loss_weight=1", *test_bags]) == 2
+    assert "abmil.instance_loss_weight must be in [0, 1)" in capsys.readouterr().err
+    for name in "ade":
+        assert not (tmp_path / name).exists()
 
 
 def test_mil_on_slides_of_a_tile_run(export, medssl_data, tmp_path, capsys):
