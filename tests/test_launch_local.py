@@ -141,12 +141,10 @@ SIGNAL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
-    """SLURM's SIGTERM (requeue, preemption) reaches both the task process and its child: the
-    attempt is recorded as stopped and no failure is reported for the stage."""
-    out = tmp_path / "run"
+def _start_job_script(script: str, out: Path) -> subprocess.Popen:
+    """Run a StageJob script in its own process; return once its attempt and child have started."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_SCRIPT, str(REPO), str(out)],
+        [sys.executable, "-c", script, str(REPO), str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -156,6 +154,14 @@ def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     time.sleep(1.0)  # let the child start
+    return proc
+
+
+def test_sigterm_from_the_scheduler_is_a_stop_not_a_failure(tmp_path):
+    """SLURM's SIGTERM (requeue, preemption) reaches both the task process and its child: the
+    attempt is recorded as stopped and no failure is reported for the stage."""
+    out = tmp_path / "run"
+    proc = _start_job_script(SIGNAL_SCRIPT, out)
     child = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
     os.kill(child, signal.SIGTERM)  # as slurmstepd does: every process of the step
     os.kill(proc.pid, signal.SIGTERM)
@@ -193,17 +199,7 @@ def test_requeue_command_survives_the_sigterm_of_the_requeue_it_sent(tmp_path):
     before it returns. The requeue must still complete and end the attempt as stopped, not raise
     (which submitit records as a failed job: the preemption test on the real cluster saw it)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REQUEUE_SCRIPT, str(REPO), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not any(r["event"] == "start" for r in read_attempts(out)):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    time.sleep(1.0)
+    proc = _start_job_script(REQUEUE_SCRIPT, out)
     os.kill(proc.pid, signal.SIGUSR2)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 4, stderr
