@@ -73,7 +73,7 @@ def _similarity_plot(results: dict, summaries: dict, n: int, path: Path) -> Path
             ax1.axvline(
                 summaries[name]["threshold"], color=colour, ls="--", label=f"{name} threshold"
             )
-    ax1.set_yscale("log")
+    ax1.set_yscale("symlog", linthresh=1)  # log-like counts; an empty pool (no candidates) is 0
     ax1.set_xlabel("copy score (joint-colour NCC after alignment)")
     ax1.set_ylabel("images")
     ax1.legend(fontsize=8)
