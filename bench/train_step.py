@@ -352,11 +352,10 @@ def measure(
     device,
     peaks: dict[str, float],
     flops_cache: dict[str, int],
-    flops_key: str | None = None,
+    flops_key: str,
 ) -> dict:
     """`flops_key`: workloads that compute the same model share one FLOP count."""
     row: dict = {"workload": name, "precision": precision, "batch": batch}
-    flops_key = flops_key or name
     flops = flops_cache.get(flops_key)
     if flops is not None:
         estimate = flops / (peaks[precision] * ASSUMED_MFU)

@@ -251,6 +251,8 @@ def instance_loss(
     torch.Size([])
     """
     k = min(k, len(h) // 2) if label == 1 else min(k, len(h))
+    if k == 0:  # a one-instance positive bag: nothing to take as positive and negative at once
+        return h.new_zeros(())
     order = torch.argsort(attention.detach(), descending=True)
     if label == 1:
         chosen = torch.cat([order[:k], order[len(order) - k :]])

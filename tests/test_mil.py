@@ -56,6 +56,8 @@ def test_instance_loss_by_hand():
         np.log1p(np.e) / 2 + np.log1p(np.exp(2)) / 2,
         rtol=1e-6,
     )
+    # a one-instance positive bag gives no pseudo-labels: no loss rather than a NaN
+    assert instance_loss(head, h[:1], attention[:1], 1, k=1).item() == 0.0
     # attention only chooses: the loss sends no gradient into the attention branch
     positive.backward()
     assert head.w.weight.grad is None and head.classifier.weight.grad is not None
