@@ -15,9 +15,9 @@ import copy
 import datetime as dt
 import logging
 import os
-import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pretrain.backbones import BackboneError
 from pretrain.config import ConfigError, load_config, save_config
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.specs import DatasetSpecError, parse_spec
+from pretrain.privacy import pseudonymised_path
 from pretrain.provenance import config_sha256, provenance
 from pretrain.trackers import Trackers, wandb_available
 
@@ -140,13 +141,20 @@ def run_eval(
     out: str | Path,
     val: str | None = None,
     cfg: DictConfig | None = None,
-    command: str | None = None,
+    argv: Sequence[str] | None = None,
     weights: str | None = None,
 ) -> dict[str, Any] | None:
-    """Run `protocol` and write the outputs; returns the metrics.json document (None off rank 0)."""
+    """Run `protocol` and write the outputs; returns the metrics.json document (None off rank 0).
+
+    `argv`: the command line recorded, with its paths pseudonymised (default this process's)."""
     cfg = cfg if cfg is not None else load_config(DEFAULT_CONFIG)
     out_dir = Path(out)
     names = _protocol_names(protocol, cfg)
+    if "knn" in names and val is None and int(cfg.knn.default_k) not in map(int, cfg.knn.ks):
+        raise EvalError(
+            f"knn.default_k={cfg.knn.default_k} is not in knn.ks={list(cfg.knn.ks)}: without "
+            "--val it is the k reported"
+        )
     if cfg.logging.wandb and not wandb_available():
         raise ConfigError("logging.wandb=true needs Weights & Biases: pip install 'medssl[wandb]'")
     for spec in (train, test, val):
@@ -188,12 +196,13 @@ def run_eval(
     overlap: dict[str, Any] = {"checked": False, "reason": "raw pixels or a foreign backbone"}
     if not extractor.is_raw and backbone_provenance:
         overlap = pretraining_overlap(backbone, meta, {"val": val, "test": test})
+    record = provenance(cfg, inputs=[s for s in (train, val, test) if s is not None], argv=argv)
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": command or f"python -m eval {protocol} --backbone {backbone} ...",
+        "command": record["command"],  # every path in it pseudonymised, as in the report
         "backbone": {
-            "path": backbone,
+            "path": pseudonymised_path(backbone),
             "fingerprint": extractor.fingerprint,
             "arch": meta.get("arch"),
             "num_features": meta.get("num_features") or int(ctx.train.tokens.shape[-1]),
@@ -205,7 +214,7 @@ def run_eval(
             ],
             "provenance": backbone_provenance or None,
         },
-        "provenance": provenance(cfg, inputs=[s for s in (train, val, test) if s is not None]),
+        "provenance": record,
         "pretraining_overlap": overlap,
         "preprocessing": extractor.preprocessing(),
         "data": data_json(ctx),
@@ -300,9 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    command = "python -m eval " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
     try:
         overrides = [*args.overrides, *(["adaptation.in_all=true"] if args.adapt else [])]
         cfg = load_config(DEFAULT_CONFIG, args.config, overrides)
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             val=args.val,
             out=args.out,
             cfg=cfg,
-            command=command,
+            argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
             weights=args.weights,
         )
     except (

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from eval.featureset import FeatureError, FeatureSet, center_on
 from pretrain import distributed as du
 from pretrain.data.specs import DatasetSpec, parse_spec
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,9 @@ class FeatureExtractor:
             # what `model(x)` returns: timm ViTs exported with global_pool="avg" (MAE) pool patches
             pooled = getattr(self.model, "global_pool", None) == "avg"
             self.output_variant = "avgpool" if pooled and hasattr(self.model, "blocks") else "n1"
-        logger.info("backbone %s: fingerprint %s", self.backbone, self.fingerprint[:16])
+        logger.info(
+            "backbone %s: fingerprint %s", pseudonymised_path(self.backbone), self.fingerprint[:16]
+        )
 
     def _slice_encoder(self) -> tuple[nn.Module, dict[str, Any], nn.Module]:
         """(SliceEncoder, meta, transform) of the 2.5D baseline over the loaded 2D backbone."""
@@ -370,10 +373,11 @@ class FeatureExtractor:
 
     def __call__(self, spec: str | DatasetSpec, dataset: Dataset | None = None) -> FeatureSet:
         parsed = spec if isinstance(spec, DatasetSpec) else parse_spec(spec)
+        shown = pseudonymised_path(parsed.spec)  # logs and the cache name no path
         key = self.cache_key(parsed)
         cached = self._load(key)
         if cached is not None:
-            logger.info("features of %s from cache %s", parsed, key[:16])
+            logger.info("features of %s from cache %s", shown, key[:16])
             cached.output = self.output_variant
             return cached
         dataset = dataset if dataset is not None else self.open(parsed)
@@ -382,7 +386,7 @@ class FeatureExtractor:
         targets = _multilabel_targets(parsed, labels)
         if targets is not None:
             labels, num_classes = targets, targets.shape[1]
-        desc = f"{'raw' if self.is_raw else 'features'} {parsed.spec}"
+        desc = f"{'raw' if self.is_raw else 'features'} {shown}"
         if self.is_raw:
             tokens, pooled = raw_pixels(dataset, self.raw_img_size, desc), None
         else:
@@ -412,7 +416,7 @@ class FeatureExtractor:
             patients=groups,
             output=self.output_variant,
         )
-        self._save(key, parsed, features)
+        self._save(key, shown, features)
         return features
 
     def _paths(self, key: str) -> tuple[Path, Path] | None:
@@ -430,17 +434,17 @@ class FeatureExtractor:
             logger.warning("feature cache %s unreadable (%s); extracting again", paths[0], exc)
             return None
 
-    def _save(self, key: str, spec: DatasetSpec, features: FeatureSet) -> None:
+    def _save(self, key: str, shown: str, features: FeatureSet) -> None:
         paths = self._paths(key)
         if paths is None or (_distributed() and dist.get_rank() != 0):
             return
         features.save(paths[0])
         info = {
-            "backbone": self.backbone,
+            "backbone": pseudonymised_path(self.backbone),
             "fingerprint": self.fingerprint,
-            "dataset": spec.spec,
+            "dataset": shown,
             "n": len(features),
             "preprocessing": self.preprocessing(),
         }
         paths[1].write_text(json.dumps(info, indent=2, default=str) + "\n")
-        logger.info("cached features of %s in %s", spec, paths[0])
+        logger.info("cached features of %s in %s", shown, paths[0])

@@ -2,11 +2,14 @@
 
 metrics.json (schema_version 1):
 {
-  "schema_version": 1, "created": ISO-8601 time, "command": the command line,
-  "backbone": {"path", "fingerprint" (sha256 of weights+meta), "arch", "num_features", "source"},
+  "schema_version": 1, "created": ISO-8601 time,
+  "command": the command line, every path in it as `<path:PSEUDONYM>` (pretrain.provenance),
+  "backbone": {"path" (pseudonymised as in "command"), "fingerprint" (sha256 of weights+meta),
+               "arch", "num_features", "source"},
   "preprocessing": {"description", ...: what the images went through before the backbone},
   "data": {"dataset", "num_classes", "task": "multiclass"|"multilabel", "ordinal",
-           "train"|"val"|"test": {"spec", "n", "class_counts"} (val: null when not given),
+           "train"|"val"|"test": {"spec" (pseudonymised), "n", "class_counts"} (val: null when
+           not given),
            "confidence_intervals": how the _ci95 were computed},
   "protocols": {PROTOCOL: {
       "best": headline setting name, "selection": how it was chosen,
@@ -49,6 +52,7 @@ from eval.adaptation_report import adaptation_blocks, adaptation_section, plot_a
 from eval.metrics import confusion_matrix  # noqa: E402
 from eval.protocols.base import EvalContext, ProtocolResult  # noqa: E402
 from pretrain.io import atomic_write
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ def data_json(ctx: EvalContext) -> dict[str, Any]:
             None
             if fs is None
             else {
-                "spec": ctx.specs[name],
+                "spec": pseudonymised_path(ctx.specs[name]),
                 "n": len(fs),
                 "class_counts": _class_counts(fs.labels, ctx.num_classes),
             }

@@ -124,6 +124,24 @@ def resolve_site_key(
     return SiteKey(_read_key_file(path, "site key file"), "user key file")
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a command-line value names a file or folder (and so may name a patient)."""
+    return os.sep in text or text.startswith(".") or Path(text).exists()
+
+
+def pseudonymised_path(text: str, site: SiteKey | None = None) -> str:
+    """`text` as outputs may show it: a path (or `file.npz:split`) becomes `<path:PSEUDONYM>`
+    (`<path:PSEUDONYM>:split`), keyed under `site` (default: the resolved site key); anything
+    else (`raw`, `timm:NAME`) is kept. A folder or file name can name a patient."""
+    text = str(text)
+    if not text or not looks_like_path(text):
+        return text
+    site = site if site is not None else resolve_site_key()
+    base, _, split = text.rpartition(":") if ".npz:" in text else (text, "", "")
+    name = f"<path:{site.pseudonym(str(Path(base).expanduser().resolve()))[:12]}>"
+    return f"{name}:{split}" if split else name
+
+
 def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
     """Write a file only its owner can read (atomic; its folder is made mode 0700).
 

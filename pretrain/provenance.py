@@ -34,7 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.specs import DatasetSpec, parse_spec
-from pretrain.privacy import SiteKey, resolve_site_key
+from pretrain.privacy import SiteKey, looks_like_path, pseudonymised_path, resolve_site_key
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +136,6 @@ def dataset_digest(spec: str | DatasetSpec, *, site: SiteKey | None) -> dict[str
     return record
 
 
-def _looks_like_path(text: str) -> bool:
-    return os.sep in text or text.startswith(".") or Path(text).exists()
-
-
-def _pseudonymise_value(text: str, site: SiteKey) -> str:
-    if not text or not _looks_like_path(text):
-        return text
-    base, _, split = text.rpartition(":") if ".npz:" in text else (text, "", "")
-    name = f"<path:{site.pseudonym(str(Path(base).expanduser().resolve()))[:12]}>"
-    return f"{name}:{split}" if split else name
-
-
 def pseudonymised_command(argv: Sequence[str], site: SiteKey) -> str:
     """The command line with every path (a bare argument or the value of `key=value` /
     `--flag=value`) replaced by `<path:PSEUDONYM>`; the program itself is kept by its module or
@@ -159,10 +147,10 @@ def pseudonymised_command(argv: Sequence[str], site: SiteKey) -> str:
             out.append(f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name)
             continue
         key, eq, value = arg.partition("=")
-        if eq and not _looks_like_path(key):
-            out.append(f"{key}={_pseudonymise_value(value, site)}")
+        if eq and not looks_like_path(key):
+            out.append(f"{key}={pseudonymised_path(value, site)}")
         else:
-            out.append(_pseudonymise_value(arg, site))
+            out.append(pseudonymised_path(arg, site))
     return " ".join([out[0], *(shlex.quote(a) for a in out[1:])])
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import shutil
 
@@ -11,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from curation.__main__ import main as curation_main
 from pretrain.data.datasets import open_dataset
 from pretrain.data.readers import UnreadableImageError
 from pretrain.data.shards import ShardWriter, encode_sample
@@ -39,6 +43,35 @@ def test_npz_rgb_and_transform(medssl_data):
     assert ds.num_classes == 5
 
 
+def _pseudonym(secret: bytes, name: str) -> str:
+    return hmac.new(secret, b"source\x00" + name.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def test_folder_keys_are_the_pseudonyms_ingest_gives(medssl_data, tmp_path, monkeypatch):
+    """Read in place or ingested, an image keeps one name: eval features, curation and
+    decontamination records of either agree, and neither shows a path."""
+    monkeypatch.setenv("MEDSSL_PATIENT_SALT", "site-secret-for-this-test")
+    with np.load(medssl_data / "breastmnist.npz") as npz:
+        images = npz["val_images"][:3]
+    root = tmp_path / "DOE^JOHN"
+    for i, name in enumerate(["malignant/DOE_1.png", "benign/DOE_2.png", "benign/DOE_3.png"]):
+        _save_png(root / name, images[i])
+    shutil.copy(medssl_data / "dicom" / "emri_small.dcm", root / "benign" / "DOE_mr.dcm")
+    out = tmp_path / "shards"
+    assert curation_main(["ingest", str(root), "--out", str(out)]) == 0
+    key_of = {}  # private map: path -> key of a single-frame file / of the file's frames
+    for entry in map(json.loads, (out / "private" / "sources.jsonl").read_text().splitlines()):
+        if "path" in entry and "input" in entry:
+            key_of[entry["path"]] = entry["input"]
+    ingested = {json.loads(line)["key"] for line in (out / "manifest.jsonl").open()}
+    ds = open_dataset(root)
+    assert len(ds) == 3 + 10 and set(ds.keys) == ingested  # 10 MR frames
+    for (path, _), key in zip(ds.items, ds.keys):
+        if not path.name.endswith(".dcm"):
+            assert key == key_of[str(path)]
+    assert not any("DOE" in k or "/" in k for k in ds.keys)
+
+
 def _save_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -51,12 +84,17 @@ def test_folder_with_class_subfolders_skips_corrupt_files(medssl_data, tmp_path,
     for i, name in enumerate(["zeta/a.png", "alpha/b.png", "alpha/c.png", "zeta/d.png"]):
         _save_png(root / name, images[i])
     (root / "alpha" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    site = SiteKey(b"test-salt-012345", "test")
     with caplog.at_level(logging.WARNING):
-        ds = open_dataset(root)
-    assert "broken.png" in caplog.text
+        ds = open_dataset(root, site_key=site)
+    # the log names the file by its keyed pseudonym (HMAC-SHA256, computed here by hand), never
+    # by a folder or file name
+    assert _pseudonym(b"test-salt-012345", "folder/alpha/broken.png") in caplog.text
+    assert "broken" not in caplog.text and "alpha" not in caplog.text
     assert [p.name for p in ds.skipped] == ["broken.png"]
     assert ds.classes == ["alpha", "zeta"] and ds.num_classes == 2
-    assert ds.keys == ["alpha/b.png", "alpha/c.png", "zeta/a.png", "zeta/d.png"]
+    names = ["folder/alpha/b.png", "folder/alpha/c.png", "folder/zeta/a.png", "folder/zeta/d.png"]
+    assert ds.keys == [_pseudonym(b"test-salt-012345", n) for n in names]
     assert ds.labels.tolist() == [0, 0, 1, 1]
     img, label = ds[2]
     assert label == 1
@@ -70,7 +108,11 @@ def test_flat_folder_has_no_labels_and_dicom_frames_are_items(medssl_data, tmp_p
     ds = open_dataset(tmp_path, site_key=SiteKey(b"test-salt-012345", "test"))
     assert ds.num_classes == 0 and set(ds.labels.tolist()) == {-1}
     assert len(ds) == 12  # CT + 10 MR frames + the PNG
-    assert ds.keys[:2] == ["ct.dcm", "mr_no_extension#0"] and ds.keys[-1] == "x.png"
+    root = tmp_path.name
+    expected = [f"{root}/ct.dcm", f"{root}/mr_no_extension#0", f"{root}/x.png"]
+    assert [ds.keys[0], ds.keys[1], ds.keys[-1]] == [
+        _pseudonym(b"test-salt-012345", n) for n in expected
+    ]
     ct_patient = ds.patients[0]  # salted hash of PatientID '1CT1', never the ID itself
     assert ct_patient is not None and "1CT1" not in ct_patient
     assert ds.patients[1] is None and ds.patients[-1] is None  # no PatientID / not DICOM

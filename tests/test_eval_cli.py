@@ -361,3 +361,19 @@ def test_a_backbone_feature_variant_leaves_the_raw_baseline_on_pixels(
     )
     raw = doc["baselines"]["raw"]["protocols"]["knn"]["settings"]["k=20"]
     assert raw["accuracy"] == pytest.approx(_raw_reference()["breastmnist"]["accuracy"], abs=0.035)
+
+
+def test_dataset_names_in_reports_are_public_names_or_pseudonyms(tmp_path, monkeypatch):
+    from eval.protocols.base import dataset_name
+
+    monkeypatch.setenv("MEDSSL_PATIENT_SALT", "site-secret-for-this-test")
+    assert dataset_name("/data/pneumoniamnist.npz:test") == "pneumoniamnist"
+    assert dataset_name("adrenalmnist3d_64.npz:train") == "adrenalmnist3d_64"
+    folder = tmp_path / "DOE^JOHN_MRN8047316259"
+    names = {dataset_name(str(folder)), dataset_name(f"{folder}/shard-{{000000..000001}}.tar")}
+    assert len(names) == 1  # the folder, read as images or as its shards: one name
+    (name,) = names
+    assert name.startswith("data-") and len(name) == 17 and "DOE" not in name.upper()
+    assert dataset_name(f"{folder}.npz:val") != name  # another file, another name
+    monkeypatch.setenv("MEDSSL_PATIENT_SALT", "another-site-secret")
+    assert dataset_name(str(folder)) != name  # keyed: not a plain hash of the path

@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c
+from PIL import Image
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -130,6 +131,12 @@ def _chunks(root: Path) -> list[tuple[str, bytes]]:
         if "private" in path.relative_to(root).parts:
             continue
         chunks.append((str(path), path.read_bytes()))
+        if path.suffix == ".npz":  # compressed arrays (the feature cache): their decoded values
+            with np.load(path, allow_pickle=False) as npz:
+                for name in npz.files:
+                    values = npz[name]
+                    text = "\n".join(map(str, values.ravel())) if values.dtype.kind == "U" else ""
+                    chunks.append((f"{path}/{name}", values.tobytes() + text.encode()))
         if path.suffix == ".tar":
             with tarfile.open(path) as tf:
                 for member in tf:
@@ -178,6 +185,18 @@ def hospital(medssl_data, tmp_path_factory):
     level0[256:768, 256:1280] = tissue_texture(medssl_data, 512, 1024)
     write_pyramid(slide, level0, 0.5, (1, 4))
     phi |= {slides.name, slide.name, slide.stem}
+    # a labelled image folder named after the patient, evaluated in place (no ingest)
+    labelled = root.parent / f"eval {PATIENT.split('^')[0]} MRN{MRN}"
+    with np.load(medssl_data / "pneumoniamnist.npz") as npz:
+        labels = npz["val_labels"][:, 0]
+        rows = np.concatenate([np.flatnonzero(labels == c)[:12] for c in (0, 1)])
+        images, labels = npz["val_images"][rows], labels[rows]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        png = labelled / ("pneumonia" if label else "normal") / f"{PATIENT}_{MRN}_{i}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(png)
+        phi |= {png.name, png.stem}
+    phi.add(labelled.name)
     return root, phi, burned
 
 
@@ -276,6 +295,25 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
             work,
             env,
         ),
+        _run(
+            [
+                "eval",
+                "knn",
+                "--backbone",
+                "raw",
+                "--train",
+                str(next(p for p in tree.parent.iterdir() if p.name.startswith("eval "))),
+                "--test",
+                f"{pneu}:test",
+                "--out",
+                str(out / "eval_folder"),
+                "raw_img_size=28",
+                "knn.ks=[5]",
+                "knn.default_k=5",
+            ],
+            work,
+            env,
+        ),
     ]
     return out, streams
 
@@ -289,7 +327,8 @@ def test_no_phi_in_any_byte_written(hospital, pipeline_outputs):
     assert _hits(b"a1b2c3d4e5f6a7b818880229a1b2c3d4", {"18880229"}) == []  # inside a hash
     chunks = _chunks(out)
     kinds = {Path(name.split(".tar/")[0]).suffix for name, _ in chunks}
-    assert {".tar", ".jsonl", ".json", ".yaml", ".png", ".md", ".html", ".pkl"} <= kinds, kinds
+    assert {".tar", ".jsonl", ".json", ".yaml", ".png", ".md", ".html", ".pkl", ".npz"} <= kinds
+    assert any(name.endswith(".npz/keys") for name, _ in chunks)  # the feature cache's item names
     assert any("submitit" in name or "/launch/" in name for name, _ in chunks)
     leaks = {name: hits for name, data in chunks if (hits := _hits(data, searched))}
     assert leaks == {}

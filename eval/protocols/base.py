@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,16 @@ from eval.features import FeatureExtractor
 from eval.featureset import FeatureSet, center_on
 from eval.metrics import evaluate, point_metrics
 from pretrain.data.specs import parse_spec
+from pretrain.privacy import resolve_site_key
 
 logger = logging.getLogger(__name__)
 
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "auroc")
+# MedMNIST v2's public datasets (any size: `_64`, `_128`, `_224`): shown by name in reports
+PUBLIC_DATASET = re.compile(
+    r"(path|chest|derma|oct|pneumonia|retina|breast|blood|tissue|organa|organc|organs)mnist"
+    r"(_\d+)?|(organ|nodule|adrenal|fracture|vessel|synapse)mnist3d(_\d+)?"
+)
 
 
 class EvalError(ValueError):
@@ -54,16 +61,22 @@ class ProtocolResult:
 
 
 def dataset_name(spec: str) -> str:
-    """The name a dataset goes by in reports and reference lookup: the file or shard directory
-    it is read from (`breastmnist.npz:train` -> `breastmnist`, `shards/xray/` -> `xray`). From the
-    text alone, so the launcher can name datasets that later jobs will write."""
+    """The name a dataset goes by in reports, reference lookup and launch's eval folders.
+
+    A public MedMNIST file keeps its name (`breastmnist.npz:train` -> `breastmnist`,
+    `adrenalmnist3d_64.npz` -> `adrenalmnist3d_64`); any other dataset is `data-` and the keyed
+    pseudonym of its file or shard folder, since a folder or file name can name a patient. From
+    the text alone, so the launcher can name datasets that later jobs will write."""
     text = str(spec)
     if ".npz:" in text:
         text = text.rsplit(":", 1)[0]
     path = Path(text)
     if text.endswith(".tar"):
         path = path.parent  # shards are named after their directory
-    return path.name.split(".")[0].lower()
+    name = path.name.split(".")[0].lower()
+    if PUBLIC_DATASET.fullmatch(name):
+        return name
+    return "data-" + resolve_site_key().pseudonym(str(path.expanduser().resolve()))[:12]
 
 
 class EvalContext:

@@ -12,8 +12,10 @@ for patient-level splits) and `keys` (a stable name per item).
 Volumes (3D MedMNIST, volume shards; see volumes.py) come out as float32 1×D×H×W tensors.
 - image folder: class subfolders give labels (sorted names -> 0..K-1); a flat folder has none.
   Every file is decoded once at indexing time (multi-frame DICOMs become one item per frame, and
-  the records give patients); unreadable files are skipped with a warning naming the file and
-  the reason, and listed in `skipped`. A file that becomes unreadable later raises naming it.
+  the records give patients, keyed under the site key); unreadable files are skipped with a
+  warning naming the file's pseudonym and the reason, and listed in `skipped`. Keys are the
+  pseudonyms `curation ingest ROOT` gives the same files, never paths. A file that becomes
+  unreadable later raises naming it.
 - shards: each tar's member offsets are indexed once (the JSON records are read, pixels are not);
   items are read by positional reads, so nothing is loaded into RAM up front.
 """
@@ -45,7 +47,7 @@ from pretrain.data.readers import (
 from pretrain.data.shards import PIXEL_EXTS, decode_sample
 from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.windowing import Window, to_float_image, to_float_volume
-from pretrain.privacy import SiteKey
+from pretrain.privacy import SiteKey, resolve_site_key
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +146,9 @@ class FolderDataset(_Base):
         site_key: SiteKey | None = None,
     ):
         super().__init__(spec, transform, window)
-        self.site_key = site_key
+        # keys, patients and log lines name inputs under the site key, never by path: a folder
+        # or file name can name a patient (the same keys as `curation ingest ROOT` gives)
+        self.site_key = site_key if site_key is not None else resolve_site_key()
         root = spec.path
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         class_dirs = [d for d in class_dirs if any(_files(d))]
@@ -153,12 +157,7 @@ class FolderDataset(_Base):
             files = [(f, c) for c, d in enumerate(class_dirs) for f in _files(d)]
             loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
             if loose:
-                logger.warning(
-                    "%s: %d file(s) beside the class folders ignored (first: %s)",
-                    root,
-                    len(loose),
-                    loose[0].name,
-                )
+                logger.warning("%d file(s) beside the class folders ignored", len(loose))
         else:
             self.classes = []
             files = [
@@ -170,20 +169,24 @@ class FolderDataset(_Base):
         labels: list[int] = []
         self.keys, self.patients, self.skipped = [], [], []
         for path, label in tqdm(
-            files, desc=f"indexing {root.name}", unit="file", disable=len(files) < 1000
+            files, desc="indexing images", unit="file", disable=len(files) < 1000
         ):
+            source = f"{root.name}/{path.relative_to(root).as_posix()}"
             try:
-                decoded = read_image_file(path, site_key=site_key)
+                decoded = read_image_file(path, site_key=self.site_key)
             except UnreadableImageError as exc:
-                logger.warning("skipping unreadable image: %s", exc)
+                reason = str(exc).replace(str(path), "<input>")
+                logger.warning(
+                    "skipping unreadable image %s: %s", self.site_key.pseudonym(source), reason
+                )
                 self.skipped.append(path)
                 continue
-            rel = path.relative_to(root).as_posix()
             for frame, image in enumerate(decoded):
                 self.items.append((path, frame))
                 labels.append(label)
                 self.patients.append(image.record.get("patient"))
-                self.keys.append(rel if len(decoded) == 1 else f"{rel}#{frame}")
+                name = source if len(decoded) == 1 else f"{source}#{frame}"
+                self.keys.append(self.site_key.pseudonym(name))
         if not self.items:
             raise UnreadableImageError(f"{root}: no readable images ({len(self.skipped)} skipped)")
         self.labels = np.array(labels, dtype=np.int64)
@@ -316,7 +319,8 @@ def open_dataset(
 ) -> Dataset:
     """Map-style dataset for any spec; see the module docstring for the item layout.
 
-    kwargs: `site_key` (pretrain.privacy.SiteKey) for folders of DICOMs (see read_image_file).
+    kwargs: `site_key` (pretrain.privacy.SiteKey) naming a folder's files and DICOM patients
+    (default: the resolved site key; see FolderDataset).
     """
     parsed = spec if isinstance(spec, DatasetSpec) else parse_spec(spec)
     if parsed.kind == "npz":

@@ -54,6 +54,7 @@ from pretrain.data.shards import decode_sample
 from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.windowing import Window
 from pretrain.distributed import is_dist
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ def build_train_loader(
         if len(parsed.shards) < n_splits and not resampled:
             logger.info(
                 "%s: %d shard(s) for %d rank×worker splits; splitting by sample",
-                parsed,
+                pseudonymised_path(parsed.spec),
                 len(parsed.shards),
                 n_splits,
             )
@@ -364,7 +365,10 @@ def build_train_loader(
         )
     else:
         if resampled:
-            logger.info("%s: map-style dataset; resampled mode means reshuffled epochs", parsed)
+            logger.info(
+                "%s: map-style dataset; resampled mode means reshuffled epochs",
+                pseudonymised_path(parsed.spec),
+            )
         dataset = open_dataset(parsed, transform=transform, window=window)
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
