@@ -38,6 +38,7 @@ from pretrain.data.readers import UnreadableImageError
 from pretrain.data.shards import pixel_sha256
 from pretrain.data.specs import DatasetSpec, parse_spec
 from pretrain.data.volumes import orthogonal_mid_slices
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -268,14 +269,13 @@ def embed_group(
         collate_fn=_collate,
     )
     pos, skipped = 0, []
+    shown = pseudonymised_path(group.spec)  # a folder name can name a patient
     with open(tmp / "records.jsonl", "w") as f:
         for inputs, th, recs, bad in tqdm(
-            loader, desc=f"embed {group.spec}", unit="batch", disable=not progress
+            loader, desc=f"embed {shown}", unit="batch", disable=not progress
         ):
             for b in bad:
-                logger.warning(
-                    "%s: skipping unreadable sample %r: %s", group.spec, b["key"], b["error"]
-                )
+                logger.warning("%s: skipping unreadable sample %r: %s", shown, b["key"], b["error"])
             skipped += bad
             m = len(recs)
             if m:
@@ -294,7 +294,7 @@ def embed_group(
         "n": pos,
         "encoder": encoder.name,
         "dim": encoder.dim,
-        "spec": group.spec,
+        "spec": shown,
         "shards": [str(p) for p in group.shards],
         "skipped": skipped,
         "fingerprint": fingerprint,

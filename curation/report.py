@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.privacy import pseudonymised_path  # noqa: E402
 from pretrain.provenance import provenance  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _grids(cfg, results: dict, out: Path) -> dict[str, Path | None]:
     eval_thumbs = {}
     for i, e in enumerate(results["evals"]):
         for j, r in enumerate(e.records):
-            eval_thumbs[(str(cfg.eval_sets[i]), r["key"])] = (i, j)
+            eval_thumbs[(pseudonymised_path(cfg.eval_sets[i]), r["key"])] = (i, j)
     rows = []
     for idx, why in list(results["decontam"][0]["data"]["removed"].items())[: 4 * k]:
         at = eval_thumbs.get((why["eval_set"], why["eval_key"]))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from curation import report
 from curation.decontaminate import check_patient_keys, contamination_pairs, decontaminate
@@ -69,6 +69,7 @@ from pretrain.distributed import (
     wait_for_rank0,
     world_size,
 )
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,19 @@ def _embed_all(
     return pool, seeds, evals, settings
 
 
+def shown_config(cfg: DictConfig) -> DictConfig:
+    """The config as saved beside the outputs: input datasets (pool, seeds, eval sets) by keyed
+    pseudonym, as ingest saves its sources; the run itself reads `cfg`."""
+    return OmegaConf.merge(
+        cfg,
+        {
+            "pool": pseudonymised_path(cfg.pool) if cfg.pool else cfg.pool,
+            "seeds": [pseudonymised_path(s) for s in cfg.seeds],
+            "eval_sets": [pseudonymised_path(s) for s in cfg.eval_sets],
+        },
+    )
+
+
 def run_pipeline(
     cfg: DictConfig,
     *,
@@ -262,7 +276,7 @@ def run_pipeline(
     `writer=False`: a rank other than 0 of a distributed global job (computes, never writes)."""
     out = Path(cfg.output_dir)
     if only_group is None and task is None and writer:  # array tasks run at once
-        save_config(cfg, out)
+        save_config(shown_config(cfg), out)
     steps = Steps(out, stop_after=stop_after, writer=writer)
     try:
         return _run_steps(
@@ -382,7 +396,9 @@ def _run_steps(
     keep_near = got[1]["keep"]
     results["near"] = got
 
-    eval_sets = [(str(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)]
+    eval_sets = [  # named by pseudonym in records and messages: a folder name can name a patient
+        (pseudonymised_path(s), e.thumbs, e.records) for s, e in zip(cfg.eval_sets, evals)
+    ]
     near_active = np.nonzero(keep_near)[0]
     check_patient_keys(pool.records, near_active, eval_sets, cfg.decontaminate)
 

@@ -24,6 +24,7 @@ from omegaconf import ListConfig
 from pretrain.config import plain
 from pretrain.data.specs import parse_spec
 from pretrain.io import atomic_open, atomic_write
+from pretrain.privacy import resolve_site_key
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class ContentHashes:
-    """sha256 of files and datasets, cached by (path, size, mtime_ns) in a JSON file.
+    """sha256 of files and datasets, cached by (path pseudonym, size, mtime_ns) in a JSON file.
 
     >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "a.bin").write_bytes(b"abc")
     3
@@ -61,6 +62,7 @@ class ContentHashes:
 
     def __init__(self, path: Path):
         self.path = path
+        self.site = resolve_site_key()  # the cache names files by pseudonym, never by path
         try:
             self.known: dict[str, list] = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -70,14 +72,15 @@ class ContentHashes:
     def file(self, path: str | os.PathLike) -> str:
         p = Path(path).resolve()
         st = p.stat()
-        got = self.known.get(str(p))
+        name = self.site.pseudonym(str(p))
+        got = self.known.get(name)
         if got and got[0] == st.st_size and got[1] == st.st_mtime_ns:
             return got[2]
         h = hashlib.sha256()
         with open(p, "rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
-        self.known[str(p)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self.known[name] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
         self.dirty = True
         return h.hexdigest()
 

@@ -147,7 +147,10 @@ def pseudonymised_command(argv: Sequence[str], site: SiteKey) -> str:
             out.append(f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name)
             continue
         key, eq, value = arg.partition("=")
-        if eq and not looks_like_path(key):
+        if eq and not looks_like_path(key) and value.startswith("[") and value.endswith("]"):
+            items = [pseudonymised_path(v.strip(), site) for v in value[1:-1].split(",")]
+            out.append(f"{key}=[{','.join(items)}]")  # a list override: eval_sets=[a,b]
+        elif eq and not looks_like_path(key):
             out.append(f"{key}={pseudonymised_path(value, site)}")
         else:
             out.append(pseudonymised_path(arg, site))

@@ -208,6 +208,7 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
     out = work / "OUT"
     env = {**os.environ, "MEDSSL_PATIENT_SALT": SALT, "PYTHONPATH": str(REPO)}
     pneu = medssl_data / "pneumoniamnist.npz"
+    labelled = next(p for p in tree.parent.iterdir() if p.name.startswith("eval "))
     streams = [
         _run(
             [
@@ -229,7 +230,7 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
                 "run",
                 f"pool={out / 'shards'}",
                 f"output_dir={out / 'cur'}",
-                f"eval_sets=[{pneu}:test]",
+                f"eval_sets=[{pneu}:test,{labelled}]",
                 "embed.groups=1",
             ],
             work,
@@ -302,7 +303,7 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
                 "--backbone",
                 "raw",
                 "--train",
-                str(next(p for p in tree.parent.iterdir() if p.name.startswith("eval "))),
+                str(labelled),
                 "--test",
                 f"{pneu}:test",
                 "--out",

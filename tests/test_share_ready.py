@@ -110,9 +110,12 @@ def test_pseudonymised_command_hides_every_path_and_keeps_the_rest():
         "data.train=/data/DOE^JOHN/scans.npz:train",
         "optim.max_steps=10",
         "./relative/out",
+        "eval_sets=[/data/SMITH^ANNA/test.npz:test,/data/eval MRN5550192837]",
     ]
     text = pseudonymised_command(argv, site)
     assert "DOE" not in text and "relative" not in text and "scans" not in text
+    assert "SMITH" not in text and "5550192837" not in text
+    assert "eval_sets=[<path:" in text and ":test,<path:" in text  # each list item on its own
     assert text.startswith("python -m pretrain --config '<path:")
     assert "optim.max_steps=10" in text and ":train" in text
     same = pseudonymised_command(argv, site)
