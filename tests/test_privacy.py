@@ -279,41 +279,17 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
             work,
             env,
         ),
-        _run(
-            [
-                "eval",
-                "knn",
-                "--backbone",
-                "raw",
-                "--train",
-                str(out / "cur" / "curated"),
-                "--test",
-                f"{pneu}:test",
-                "--out",
-                str(out / "eval"),
-                "raw_img_size=28",
-            ],
-            work,
-            env,
-        ),
-        _run(
-            [
-                "eval",
-                "knn",
-                "--backbone",
-                "raw",
-                "--train",
-                str(labelled),
-                "--test",
-                f"{pneu}:test",
-                "--out",
-                str(out / "eval_folder"),
-                "raw_img_size=28",
-                "knn.ks=[5]",
-                "knn.default_k=5",
-            ],
-            work,
-            env,
+        *(  # on the curated shards, and on an image folder named after the patient, in place
+            _run(
+                ["eval", "knn", "--backbone", "raw", "--train", str(train), "--test"]
+                + [f"{pneu}:test", "--out", str(out / name), "raw_img_size=28", *extra],
+                work,
+                env,
+            )
+            for train, name, extra in (
+                (out / "cur" / "curated", "eval", []),
+                (labelled, "eval_folder", ["knn.ks=[5]", "knn.default_k=5"]),
+            )
         ),
     ]
     return out, streams
