@@ -116,6 +116,9 @@ def test_flat_folder_has_no_labels_and_dicom_frames_are_items(medssl_data, tmp_p
     ct_patient = ds.patients[0]  # salted hash of PatientID '1CT1', never the ID itself
     assert ct_patient is not None and "1CT1" not in ct_patient
     assert ds.patients[1] is None and ds.patients[-1] is None  # no PatientID / not DICOM
+    site = SiteKey(b"test-salt-012345", "test")  # the key that made the patient key is named
+    assert ds.load(0)[1]["key_fingerprint"] == site.fingerprint()
+    assert "key_fingerprint" not in ds.load(len(ds) - 1)[1]
     img, _ = ds[3]
     assert img.shape == (1, 64, 64) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
     assert not torch.equal(img, ds[4][0])  # frames differ

@@ -202,7 +202,10 @@ class FolderDataset(_Base):
             raise UnreadableImageError(
                 f"{path}: has {len(decoded)} frame(s) now, indexed {frame + 1}"
             )
-        return decoded[frame].pixels, decoded[frame].record
+        record = decoded[frame].record
+        if record.get("patient"):  # which key made it: decontamination refuses to mix keys
+            record = {**record, "key_fingerprint": self.site_key.fingerprint()}
+        return decoded[frame].pixels, record
 
 
 def _files(directory: Path):
