@@ -618,7 +618,8 @@ def ingest(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, An
         done = [read_done(parts, b.index) or {} for b in mine]
         summary = counts(done, started) | {"task": task[0], "tasks": task[1]}
     else:
-        record = provenance(cfg, site=naming.site)  # inputs are raw files: no manifest to hash
+        # of the config saved beside the output; inputs are raw files: no manifest to hash
+        record = provenance(shown, site=naming.site)
         summary = _merge(out, blocks, [naming.shown(u.base) for u in units], started, record)
     for handle in locks:
         handle.close()

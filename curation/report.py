@@ -183,8 +183,9 @@ CAPTIONS = {
 }
 
 
-def write_report(cfg, out: Path, summaries: dict, results: dict) -> dict:
-    """Write summary.json, report/*.png and report.html; returns the summary."""
+def write_report(cfg, out: Path, summaries: dict, results: dict, saved_cfg=None) -> dict:
+    """Write summary.json, report/*.png and report.html; returns the summary. `saved_cfg`: the
+    config as saved beside the output (its sha256 goes into provenance; default `cfg`)."""
     fig_dir = out / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
     n = len(results["pool"])
@@ -198,7 +199,10 @@ def write_report(cfg, out: Path, summaries: dict, results: dict) -> dict:
         "curated": summaries.get("write", {}).get("out"),
         "output_dir": str(out),
         "steps": summaries,
-        "provenance": provenance(cfg, inputs=[str(cfg.pool), *[str(s) for s in cfg.eval_sets]]),
+        "provenance": provenance(
+            cfg if saved_cfg is None else saved_cfg,
+            inputs=[str(cfg.pool), *[str(s) for s in cfg.eval_sets]],
+        ),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     rows = "".join(

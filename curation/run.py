@@ -493,7 +493,7 @@ def _run_steps(
         return {"in": int(len(rows)), "out": n_written, "dir": str(out / "curated")}, None, None
 
     steps.run("write", write, settings={"write": cfg.write}, after=["select"])
-    return report.write_report(cfg, out, steps.summaries, results)
+    return report.write_report(cfg, out, steps.summaries, results, shown_config(cfg))
 
 
 def run_ranked(cfg: DictConfig, *, stop_after: str | None, after_embed: bool) -> dict:

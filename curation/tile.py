@@ -528,7 +528,7 @@ def tile(cfg: DictConfig, task: tuple[int, int] | None = None) -> dict[str, Any]
         done = [ingest.read_done(parts, u.index) or {} for u in mine]
         summary = ingest.counts(done, started) | {"task": task[0], "tasks": task[1]}
     else:
-        summary = _merge(out, units, naming, started, provenance(cfg, site=naming.site))
+        summary = _merge(out, units, naming, started, provenance(shown, site=naming.site))
     for handle in locks:
         handle.close()
     return summary

@@ -170,6 +170,9 @@ def test_kill_after_embed_resumes_without_embedding_again(data, monkeypatch):
         == hashlib.sha256(pool_manifest.read_bytes()).hexdigest()
     )
     assert str(data["root"]) not in json.dumps(prov)
+    saved_config = (out / "config.yaml").read_bytes()  # `sha256sum config.yaml` checks it
+    assert prov["config_sha256"] == hashlib.sha256(saved_config).hexdigest()
+    assert str(data["root"] / "pool").encode() not in saved_config
 
     again = run_pipeline(load_config(DEFAULT_CONFIG, None, _overrides(data, out)))  # all cached
     assert all(s["cached"] for s in again["steps"].values())

@@ -11,6 +11,7 @@ is searched for each value: raw, upper and lower case, `^` read as a space.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -311,6 +312,20 @@ def test_no_phi_in_any_byte_written(hospital, pipeline_outputs):
     assert leaks == {}
     for index, proc in enumerate(streams):
         assert _hits(proc.stdout + proc.stderr, searched) == [], index
+
+
+def test_every_output_records_the_hash_of_the_config_saved_beside_it(pipeline_outputs):
+    """Outputs save a config whose input paths are pseudonyms; their provenance must hash that
+    file (`sha256sum config.yaml`), not the config the run read."""
+    out, _ = pipeline_outputs
+    checked = set()
+    for doc in [*out.rglob("summary.json"), *out.rglob("metrics.json")]:
+        record = json.loads(doc.read_text()).get("provenance")
+        config = doc.parent / "config.yaml"
+        if record and config.is_file():
+            assert record["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest(), doc
+            checked.add(doc.parent.relative_to(out).as_posix())
+    assert {"shards", "tiles", "cur", "eval", "eval_folder"} <= checked, checked
 
 
 def test_private_map_lists_every_input_and_only_its_owner_reads_it(hospital, pipeline_outputs):
