@@ -4,9 +4,11 @@ A hospital-style tree (folders and files named after the patient and MRN) holds 
 with a distinctive value in every attribute of DICOM PS3.15 Annex E's Basic Application Level
 Confidentiality Profile that pydicom can set (the table as dicom-anonymizer ships it), in private
 tags and free-text descriptions. Ingest, `curation run`, `curation preview`, `launch ingest
---cluster local` and an eval report run on it; every byte they write (shards and their members,
-manifests, logs, stdout and stderr, reports, launch and submitit files), except the private map,
-is searched for each value: raw, upper and lower case, `^` read as a space.
+--cluster local` and an eval report run on it, and a labelled image folder named after the patient
+is evaluated in place and given to `curation run` as an eval set; every byte they write (shards and
+their members, manifests, configs, logs, stdout and stderr, reports, feature caches with their
+.npz arrays decoded, launch and submitit files), except the private map, is searched for each
+value: raw, upper and lower case, `^` read as a space.
 """
 
 from __future__ import annotations
