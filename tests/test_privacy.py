@@ -284,14 +284,14 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
         ),
         *(  # on the curated shards, and on an image folder named after the patient, in place
             _run(
-                ["eval", "knn", "--backbone", "raw", "--train", str(train), "--test"]
+                ["eval", protocol, "--backbone", "raw", "--train", str(train), "--test"]
                 + [f"{pneu}:test", "--out", str(out / name), "raw_img_size=28", *extra],
                 work,
                 env,
             )
-            for train, name, extra in (
-                (out / "cur" / "curated", "eval", []),
-                (labelled, "eval_folder", ["knn.ks=[5]", "knn.default_k=5"]),
+            for protocol, train, name, extra in (
+                ("knn", out / "cur" / "curated", "eval", []),
+                ("logreg", labelled, "eval_folder", ["--val", str(labelled)]),
             )
         ),
     ]

@@ -211,7 +211,7 @@ class EvalContext:
     def train_val(self) -> tuple[FeatureSet, FeatureSet, str]:
         """(fit set, selection set, where the selection set comes from)."""
         if self.val is not None:
-            return self.train, self.val, f"val ({self.specs['val']})"
+            return self.train, self.val, "the --val split"  # by role: a path can name a patient
         if self._split is None:
             fit_idx, val_idx = split_indices(self.train, float(self.cfg.val_fraction), self.seed)
             self._split = (
