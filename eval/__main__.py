@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = discover()
     parser = argparse.ArgumentParser(
         prog="python -m eval",
+        fromfile_prefix_chars="@",  # launch's private argument files
         description="Evaluate a frozen backbone: k-NN, linear probes, logistic regression, "
         "few-shot and label efficiency, with medical metrics and bootstrap CIs; adapt it: full "
         "fine-tuning, LoRA, AdaptFormer, bottleneck adapters, prompt tuning.",

@@ -855,6 +855,7 @@ def _report(path: Path, doc: dict[str, Any], heatmaps: list[str]) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval mil",
+        fromfile_prefix_chars="@",  # launch's private argument files
         description="Bag-level evaluation (slides or synthetic MNIST-bags) by mean pooling, "
         "ABMIL and Prompt-MIL over a frozen backbone.",
     )

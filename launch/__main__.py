@@ -19,6 +19,7 @@ from pathlib import Path
 
 from launch.cluster import JobFailed, LaunchError, add_cluster_arguments, options_from_args
 from launch.submit import submit_plan
+from pretrain.privacy import PrivacyError
 
 logger = logging.getLogger("launch")
 
@@ -69,14 +70,16 @@ def plan_stage(stage: str, stage_args: list[str], args: argparse.Namespace):
 
 
 def public_command(stage: str, argv: Sequence[str]) -> str:
-    """The command as launch records keep it: ingest, tile and pipeline take raw input paths,
-    which can name patients, so their arguments stay in the private arguments file instead."""
-    if stage in ("ingest", "tile", "pipeline"):
-        command = "tile" if stage == "tile" else "ingest"
-        return (
-            f"python -m launch {stage} (arguments in the {command}'s private/launch-{command}.args)"
-        )
-    return "python -m launch " + shlex.join(argv)
+    """The command as launch records keep it: every path pseudonymised (input folders often
+    name patients; the jobs read them from private argument files)."""
+    from pretrain.privacy import resolve_site_key
+    from pretrain.provenance import pseudonymised_args
+
+    rest = list(argv)
+    rest.remove(stage)
+    return shlex.join(
+        ["python", "-m", "launch", stage, *pseudonymised_args(rest, resolve_site_key())]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,17 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    command = public_command(args.stage, argv)
     try:
         from launch.stages import refuse_salt_argument
 
         refuse_salt_argument(stage_args)
+        command = public_command(args.stage, argv)
         plan, out, opts = plan_stage(args.stage, stage_args, args)
         submitted = submit_plan(plan, opts, out, wait=args.wait, command=command)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except LaunchError as exc:
+    except (LaunchError, PrivacyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     summary = {

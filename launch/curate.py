@@ -6,11 +6,13 @@ the arrays.
   python -m launch curate --config FILE pool=SHARDS output_dir=DIR [key=value ...]
       [--embed-groups N] [--global-tasks M]
 
-The stage arguments are those of `python -m curation run`; the launcher adds to each job:
-  array task G:  python -m curation run ARGS embed.groups=N --step embed --group G
-  with M:        python -m curation run ARGS ... global_tasks=M --step near --task I     (I < M)
-                 python -m curation run ARGS ... global_tasks=M --step decontam --task I
-  global job:    python -m curation run ARGS embed.groups=N [global_tasks=M] --step global
+The stage arguments are those of `python -m curation run`; they travel in an owner-only file,
+OUT/private/launch-curate.args (the pool and eval sets can name patients), read as @ARGS, and the
+launcher adds to each job:
+  array task G:  python -m curation run @ARGS embed.groups=N --step embed --group G
+  with M:        python -m curation run @ARGS ... global_tasks=M --step near --task I    (I < M)
+                 python -m curation run @ARGS ... global_tasks=M --step decontam --task I
+  global job:    python -m curation run @ARGS embed.groups=N [global_tasks=M] --step global
                  (M ranks with balance.kmeans=exact: the hierarchical k-means spread over them)
 (and, with bootstrap.enabled, a first `--step bootstrap` job that trains the embedding model once).
 Group G is a pure function of (the sorted pool shards, G, N), so a requeued task redoes exactly its
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
-from launch.submit import PlannedJob
+from launch.submit import PlannedJob, private_argv
 
 DEFAULT_GROUPS = 4
 
@@ -82,7 +84,11 @@ def plan_curate(
     # the jobs see the same absolute output_dir whatever their working directory
     fixed = ("output_dir=", "embed.groups=", "global_tasks=")
     rest = [a for a in rest if not a.startswith(fixed)]
-    base = ["run", *rest, f"output_dir={out}", f"embed.groups={n}"]
+    # the pool and eval sets (which can name patients) travel in a private arguments file
+    base, private_files = private_argv(
+        ["run"], [*rest, f"output_dir={out}"], out / "private" / f"launch-{prefix}.args"
+    )
+    base.append(f"embed.groups={n}")
     if m:
         base.append(f"global_tasks={m}")
     in_process = opts.cluster == "debug"
@@ -118,4 +124,5 @@ def plan_curate(
     ranks = m if m and cfg.balance.kmeans == "exact" and not in_process else 1
     final = job(f"{prefix}-global", ["--step", "global"], distributed=ranks > 1)
     plan.append(PlannedJob(f"{prefix}-global", [final], after=after, tasks_per_node=ranks))
+    plan[0].private_files = private_files
     return plan, out

@@ -15,6 +15,7 @@ from typing import Any
 
 from eval.report import load_reference
 from pretrain.backbones import CONFIG_FILENAME, find_export, is_export_dir, refresh_model_card
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
         for row in rows_from_metrics(doc, cell["label"]):
             row["dataset"] = cell.get("dataset") or row["dataset"]
-            row["backbone_path"] = cell["backbone"]
+            row["backbone_path"] = pseudonymised_path(cell["backbone"])
             row["metrics_json"] = str(path)
             rows.append(row)
     if missing:
@@ -146,6 +147,7 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
         + "\n"
     )
     logger.info("gathered %d rows into %s", len(rows), out / "results.md")
-    for backbone in dict.fromkeys(row["backbone_path"] for row in rows):
-        _add_to_model_card(backbone, [r for r in rows if r["backbone_path"] == backbone])
+    for cell in {c["backbone"]: c for c in cells}.values():
+        pseudonym = pseudonymised_path(cell["backbone"])
+        _add_to_model_card(cell["backbone"], [r for r in rows if r["backbone_path"] == pseudonym])
     return {name: str(out / name) for name in ("results.json", "results.csv", "results.md")}

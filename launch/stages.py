@@ -9,6 +9,7 @@ first, so a typo fails in seconds instead of after a queue wait.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from eval.protocols.base import dataset_name
 from launch.cluster import ClusterOptions, LaunchError
 from launch.jobs import StageJob
 from launch.results import gather_eval_table
-from launch.submit import PlannedJob
+from launch.submit import PlannedJob, private_argv
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ def plan_ingest(
         raise LaunchError(f"--array must be >= 1, got {known.array}")
     private = dict(o.split("=", 1) for o in _split(stage_args)[0]).get("private_dir")
     args_file = (Path(private) if private else out / "private") / f"launch-{command}.args"
-    absolute = [_resolve_arg(a) for a in stage_args]  # the job may start in another folder
-    private_files = {args_file.resolve(): "".join(f"{a}\n" for a in absolute)}
-    argv = [command, f"@{args_file.resolve()}"]
+    argv, private_files = private_argv([command], stage_args, args_file)
     plan = []
     if known.array:
         n = known.array
@@ -107,14 +106,6 @@ def plan_ingest(
     plan.append(PlannedJob(command, [_job(command, "curation", argv, out, opts)], after=after))
     plan[0].private_files = private_files
     return plan, out
-
-
-def _resolve_arg(arg: str) -> str:
-    """An existing relative path (or x.npz:split) made absolute; anything else unchanged."""
-    path = arg.rsplit(":", 1)[0] if ".npz:" in arg else arg
-    if arg.startswith("-") or "=" in arg or not Path(path).exists():
-        return arg
-    return str(Path(path).resolve()) + arg[len(path) :]
 
 
 # ------------------------------------------------------------------------------------ pretrain
@@ -151,10 +142,17 @@ def plan_pretrain(
     tasks = opts.tasks_per_node or max(1, opts.gpus_per_node)
     if opts.cluster == "debug" and (tasks > 1 or opts.nodes > 1):
         raise LaunchError("--cluster debug runs one process: use --tasks-per-node 1 --nodes 1")
-    job = _job("pretrain", "pretrain", list(stage_args), out, opts, distributed=True)
-    return [
-        PlannedJob("pretrain", [job], after=list(after), tasks_per_node=tasks, nodes=opts.nodes)
-    ], out
+    argv, private_files = private_argv([], stage_args, out / "private" / "launch-pretrain.args")
+    job = _job("pretrain", "pretrain", argv, out, opts, distributed=True)
+    planned = PlannedJob(
+        "pretrain",
+        [job],
+        after=list(after),
+        tasks_per_node=tasks,
+        nodes=opts.nodes,
+        private_files=private_files,
+    )
+    return [planned], out
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -237,7 +235,7 @@ def plan_eval(
     config = ["--config", known.config] if known.config else []
     taken: set[str] = set()
     labels = [backbone_label(b, taken) for b in known.backbone]
-    cells, calls = [], []
+    cells, calls, private_files = [], [], {}
     for data in datasets:
         shared = ["--train", data["train"], "--test", data["test"], *config]
         shared += ["--val", data["val"]] if data["val"] else []
@@ -245,10 +243,13 @@ def plan_eval(
         for backbone, label in zip(known.backbone, labels):
             for protocol in known.protocol:
                 cell_out = base / label / protocol
-                argv = [protocol, "--backbone", backbone, *shared, "--out", str(cell_out)]
-                calls.append(
-                    _job(f"{prefix}-{tag}{label}-{protocol}", "eval", argv + overrides, out, opts)
+                name = f"{prefix}-{tag}{label}-{protocol}"
+                args = ["--backbone", backbone, *shared, "--out", str(cell_out), *overrides]
+                argv, files = private_argv(
+                    [protocol], args, out / "private" / f"launch-{name}.args"
                 )
+                private_files.update(files)
+                calls.append(_job(name, "eval", argv, out, opts))
                 cells.append(
                     {
                         "backbone": backbone,
@@ -258,19 +259,24 @@ def plan_eval(
                         "out": str(cell_out),
                     }
                 )
-    gather = _GatherEval(out, cells)
+    cells_file = (out / "private" / f"launch-{prefix}-cells.json").resolve()
+    private_files[cells_file] = json.dumps(cells)
+    gather = _GatherEval(out, cells_file)
     plan = [
-        PlannedJob(f"{prefix}-cells", calls, after=list(after), array=True),
+        PlannedJob(
+            f"{prefix}-cells", calls, after=list(after), array=True, private_files=private_files
+        ),
         PlannedJob(f"{prefix}-table", [gather], after=[f"{prefix}-cells"]),
     ]
     return plan, out
 
 
 class _GatherEval:
-    """Picklable callable for the gather job."""
+    """Picklable callable for the gather job; the cells (with their backbone and dataset paths)
+    are read from the private file written at submission."""
 
-    def __init__(self, out: Path, cells: list[dict[str, str]]):
-        self.out, self.cells = out, cells
+    def __init__(self, out: Path, cells_file: Path):
+        self.out, self.cells_file = out, cells_file
 
     def __call__(self) -> dict[str, str]:
-        return gather_eval_table(self.out, self.cells)
+        return gather_eval_table(self.out, json.loads(self.cells_file.read_text()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,27 @@ class PlannedJob:
     array: bool = False  # an array even with one element (curation groups, eval cells)
     # written (mode 0600) when the plan is submitted, so a plan refused later leaves no files
     private_files: dict[Path, str] = field(default_factory=dict)
+
+
+def private_argv(
+    lead: Sequence[str], args: Sequence[str], args_file: Path
+) -> tuple[list[str], dict[Path, str]]:
+    """`[*lead, "@ARGS_FILE"]` and {ARGS_FILE: its text}. The user's arguments (input folders,
+    which often name patients) travel in an owner-only file that the stage's argparse reads
+    (`fromfile_prefix_chars="@"`), so a job's argv, its submitit pickle and the launch records
+    name only that file. Relative paths are made absolute: the job may start elsewhere."""
+    args_file = args_file.resolve()
+    text = "".join(f"{_resolve_arg(a)}\n" for a in args)
+    return [*lead, f"@{args_file}"], {args_file: text}
+
+
+def _resolve_arg(arg: str) -> str:
+    """An existing relative path (or x.npz:split) made absolute; anything else (options,
+    overrides, eval's `raw` pixel baseline) unchanged."""
+    path = arg.rsplit(":", 1)[0] if ".npz:" in arg else arg
+    if arg.startswith("-") or "=" in arg or arg == "raw" or not Path(path).exists():
+        return arg
+    return str(Path(path).resolve()) + arg[len(path) :]
 
 
 @dataclass

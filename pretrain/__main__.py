@@ -40,6 +40,7 @@ def setup_logging(level: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain",
+        fromfile_prefix_chars="@",  # launch's private argument files
         description="Self-supervised pretraining (dinov2, ...): recipe YAML + key=value overrides.",
     )
     parser.add_argument("--config", help=f"recipe YAML (override-only); default {PRETRAIN_DEFAULT}")

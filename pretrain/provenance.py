@@ -136,25 +136,28 @@ def dataset_digest(spec: str | DatasetSpec, *, site: SiteKey | None) -> dict[str
     return record
 
 
-def pseudonymised_command(argv: Sequence[str], site: SiteKey) -> str:
-    """The command line with every path (a bare argument or the value of `key=value` /
-    `--flag=value`) replaced by `<path:PSEUDONYM>`; the program itself is kept by its module or
-    file name only."""
+def pseudonymised_args(args: Sequence[str], site: SiteKey) -> list[str]:
+    """`args` with every path (a bare argument, the value of `key=value` / `--flag=value`, or an
+    item of a list override `key=[a,b]`) replaced by `<path:PSEUDONYM>`."""
     out = []
-    for i, arg in enumerate(argv):
-        if i == 0:
-            prog = Path(arg)
-            out.append(f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name)
-            continue
+    for arg in args:
         key, eq, value = arg.partition("=")
         if eq and not looks_like_path(key) and value.startswith("[") and value.endswith("]"):
             items = [pseudonymised_path(v.strip(), site) for v in value[1:-1].split(",")]
-            out.append(f"{key}=[{','.join(items)}]")  # a list override: eval_sets=[a,b]
+            out.append(f"{key}=[{','.join(items)}]")
         elif eq and not looks_like_path(key):
             out.append(f"{key}={pseudonymised_path(value, site)}")
         else:
             out.append(pseudonymised_path(arg, site))
-    return " ".join([out[0], *(shlex.quote(a) for a in out[1:])])
+    return out
+
+
+def pseudonymised_command(argv: Sequence[str], site: SiteKey) -> str:
+    """The command line with its arguments pseudonymised (`pseudonymised_args`); the program
+    itself is kept by its module or file name only."""
+    prog = Path(argv[0])
+    program = f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name
+    return " ".join([program, *(shlex.quote(a) for a in pseudonymised_args(argv[1:], site))])
 
 
 def provenance(

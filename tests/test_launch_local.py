@@ -28,6 +28,16 @@ from pretrain.monitor import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _read_args(plan: list, job: StageJob) -> list[str]:
+    """A planned job's argv with its private arguments file read in place, as argparse does."""
+    files = {path: text for planned in plan for path, text in planned.private_files.items()}
+    argv = []
+    for arg in job.argv:
+        path = Path(arg[1:]) if arg.startswith("@") else None
+        argv += files[path].splitlines() if path in files else [arg]
+    return argv
+
+
 def _opts(argv: list[str], out: Path):
     args, rest = build_parser().parse_known_args(argv)
     return options_from_args(args, out), rest
@@ -376,10 +386,10 @@ def test_several_eval_datasets_get_their_own_cells_and_one_table_by_dataset(tmp_
     # every dataset's held-out images leave the pretraining pool
     assert (
         "eval_sets=[d/pneumoniamnist.npz:test,d/breastmnist.npz:test,"
-        "d/pneumoniamnist.npz:val,d/breastmnist.npz:val]" in curate.argv
+        "d/pneumoniamnist.npz:val,d/breastmnist.npz:val]" in _read_args(plan, curate)
     )
     cells = next(p for p in plan if p.name == "eval-cells").calls
-    by_name = {c.name: c.argv for c in cells}
+    by_name = {c.name: _read_args(plan, c) for c in cells}
     assert sorted(by_name) == [
         "eval-breastmnist-pretrain-knn",
         "eval-breastmnist-raw-knn",
@@ -387,6 +397,7 @@ def test_several_eval_datasets_get_their_own_cells_and_one_table_by_dataset(tmp_
         "eval-pneumoniamnist-raw-knn",
     ]
     breast_raw = by_name["eval-breastmnist-raw-knn"]
+    assert breast_raw[0] == "knn" and breast_raw[breast_raw.index("--backbone") + 1] == "raw"
     assert breast_raw[breast_raw.index("--train") + 1] == "d/breastmnist.npz:train"
     assert breast_raw[breast_raw.index("--val") + 1] == "d/breastmnist.npz:val"
     assert breast_raw[breast_raw.index("--out") + 1] == str(
@@ -477,9 +488,11 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
         str(out / "shards"),
         "workers=2",
     ]
-    assert (
-        f"data.train={out / 'shards'}" in pretrain.argv and pretrain.argv[-1] == "optim.max_steps=5"
-    )
+    # so do every other stage's arguments (eval's datasets, curation's pool and eval sets)
+    assert pretrain.argv == [f"@{out / 'pretrain' / 'private' / 'launch-pretrain.args'}"]
+    pretrain_args = _read_args(plan, pretrain)
+    assert f"data.train={out / 'shards'}" in pretrain_args
+    assert pretrain_args[-1] == "optim.max_steps=5"
     assert pretrain.distributed and not ingest.distributed
     cells = plan[2].calls
     assert sorted(c.name for c in cells) == [
@@ -488,7 +501,10 @@ def test_pipeline_plan_chains_the_stages_and_routes_overrides(tmp_path):
         "eval-raw-knn",
         "eval-raw-linear",
     ]
-    assert all(c.argv[-1] == "bootstrap.resamples=10" for c in cells)
+    assert all(
+        c.argv[1:] == [f"@{out / 'eval' / 'private' / f'launch-{c.name}.args'}"] for c in cells
+    )
+    assert all(_read_args(plan, c)[-1] == "bootstrap.resamples=10" for c in cells)
     with pytest.raises(LaunchError, match="must start with one of"):
         plan_pipeline(
             [
@@ -636,16 +652,24 @@ def test_pipeline_plan_curates_between_ingest_and_pretrain(tmp_path):
         ("pretrain", ["curate-global"], 1),
     ]
     embed, final, pretrain = plan[1].calls[2], plan[2].calls[0], plan[3].calls[0]
-    base = [
+    args_file = out / "curation" / "private" / "launch-curate.args"
+    assert embed.argv == [
         "run",
+        f"@{args_file}",
+        "embed.groups=3",
+        "--step",
+        "embed",
+        "--group",
+        "2",
+    ]
+    assert _read_args(plan, embed)[1:5] == [
         f"pool={out / 'shards'}",
         "eval_sets=[x.npz:test]",
         "dedup.threshold=0.98",
         f"output_dir={out / 'curation'}",
     ]
-    assert embed.argv == [*base, "embed.groups=3", "--step", "embed", "--group", "2"]
     assert final.argv[-2:] == ["--step", "global"] and final.argv[:-2] == embed.argv[:-4]
-    assert f"data.train={out / 'curation' / 'curated'}" in pretrain.argv
+    assert f"data.train={out / 'curation' / 'curated'}" in _read_args(plan, pretrain)
 
 
 def test_pipeline_plan_with_ingest_and_search_arrays(tmp_path):
