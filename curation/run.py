@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from curation import report
 from curation.decontaminate import check_patient_keys, contamination_pairs, decontaminate
@@ -59,7 +59,13 @@ from curation.retrieve import retrieve
 from curation.steps import PartsMissing, Steps, StopAfter, Timer
 from curation.writer import write_curated
 from pretrain.backbones import CONFIG_FILENAME, WEIGHTS_FILENAME, find_export
-from pretrain.config import ConfigError, load_config, save_config, split_overrides
+from pretrain.config import (
+    ConfigError,
+    load_config,
+    pseudonymised_config,
+    save_config,
+    split_overrides,
+)
 from pretrain.data.specs import DatasetSpecError
 from pretrain.distributed import (
     cleanup_distributed,
@@ -248,14 +254,7 @@ def _embed_all(
 def shown_config(cfg: DictConfig) -> DictConfig:
     """The config as saved beside the outputs: input datasets (pool, seeds, eval sets) by keyed
     pseudonym, as ingest saves its sources; the run itself reads `cfg`."""
-    return OmegaConf.merge(
-        cfg,
-        {
-            "pool": pseudonymised_path(cfg.pool) if cfg.pool else cfg.pool,
-            "seeds": [pseudonymised_path(s) for s in cfg.seeds],
-            "eval_sets": [pseudonymised_path(s) for s in cfg.eval_sets],
-        },
-    )
+    return pseudonymised_config(cfg, ("pool", "seeds", "eval_sets"))
 
 
 def run_pipeline(

@@ -2,8 +2,8 @@
 
 A backbone pretrained on its own test images scores too well, and nothing in the numbers shows
 it. The export's provenance names each pretraining input by its manifest's sha256 (never its
-path); the run folder the export sits in holds the config that read it (config.yaml,
-`data.train`). When that manifest is still on this machine and its sha256 matches, every eval
+path); the run folder the export sits in holds the config that read it, its inputs as given in
+the owner-only private/config.yaml (`data.train`). When that manifest is still on this machine and its sha256 matches, every eval
 image (val and test) is looked up among the pretraining images' pixel hashes: manifest.jsonl's
 `sha256` field for shards, hashed pixels for a .npz. The answer says how many were found, or why
 it could not be checked (an export downloaded without its run folder, a manifest since changed).
@@ -42,8 +42,16 @@ def _pretraining_spec(backbone: str, recorded: str) -> tuple[DatasetSpec | None,
     path = Path(backbone)
     run_dirs = [path, *path.parents][:3] if path.exists() else []
     for run_dir in run_dirs:
-        config = run_dir / "config.yaml"
-        if not config.is_file():
+        # the config as given (owner-only); runs before it was kept saved data.train as given
+        config = next(
+            (
+                c
+                for c in (run_dir / "private" / "config.yaml", run_dir / "config.yaml")
+                if c.is_file()
+            ),
+            None,
+        )
+        if config is None:
             continue
         train = OmegaConf.load(config).get("data", {}).get("train")
         try:

@@ -7,6 +7,7 @@ naming the key, because a typo in a 10-hour SLURM job should cost seconds, not t
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.io import atomic_write
+from pretrain.privacy import pseudonymised_path
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ PRETRAIN_DEFAULT = PRETRAIN_CONFIG_DIR / "default.yaml"
 METHOD_CONFIG_DIR = PRETRAIN_CONFIG_DIR / "method"
 _METHODS_DIR = Path(__file__).resolve().parent / "methods"
 _MISSING = "???"
+# the pretraining config's inputs (datasets, a model to start from): by pseudonym in saved configs
+PRETRAIN_INPUT_KEYS = ("data.train", "monitor.knn_train", "monitor.knn_test", "init.from")
 
 
 class ConfigError(ValueError):
@@ -228,6 +232,20 @@ def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write(out / CONFIG_FILENAME, OmegaConf.to_yaml(cfg))
+
+
+def pseudonymised_config(cfg: DictConfig, keys: Sequence[str]) -> DictConfig:
+    """A copy of `cfg` as saved beside outputs: the value at each dotted key of `keys` (a path or
+    a list of paths) by keyed pseudonym (pretrain.privacy.pseudonymised_path), since a folder
+    name can name a patient; the run itself reads `cfg`."""
+    shown = copy.deepcopy(cfg)
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_list(value):
+            OmegaConf.update(shown, key, [pseudonymised_path(v) for v in value], merge=False)
+        elif value is not None:
+            OmegaConf.update(shown, key, pseudonymised_path(value), merge=False)
+    return shown
 
 
 def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pretrain import distributed as du
@@ -38,7 +38,13 @@ from pretrain.checkpoint import (
     preserve_rng,
     restore_rng,
 )
-from pretrain.config import plain, save_config
+from pretrain.config import (
+    CONFIG_FILENAME,
+    PRETRAIN_INPUT_KEYS,
+    plain,
+    pseudonymised_config,
+    save_config,
+)
 from pretrain.data.loader import build_train_loader
 from pretrain.data.specs import parse_spec
 from pretrain.engine import Engine
@@ -51,6 +57,7 @@ from pretrain.monitor import (
     OnlineKNN,
     plot_curves,
 )
+from pretrain.privacy import write_private
 from pretrain.provenance import config_sha256
 from pretrain.trackers import Trackers
 
@@ -186,10 +193,10 @@ class StepReporter:
 
 def tracker_config(cfg: DictConfig) -> dict[str, Any]:
     """What a tracker is told of the run: the training hyperparameters and the merged config's
-    hash, never the data section or output_dir (paths)."""
+    hash (that of the saved config.yaml), never the data section or output_dir (paths)."""
     keep = ("method", "model", "optim", "train", str(cfg.method))
     doc = {k: plain(cfg[k]) for k in keep if k in cfg}
-    return {**doc, "config_sha256": config_sha256(cfg)}
+    return {**doc, "config_sha256": config_sha256(pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS))}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -207,8 +214,9 @@ def run(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
     out = Path(cfg.output_dir)
-    if env.is_main:
-        save_config(cfg, out)
+    if env.is_main:  # the inputs by pseudonym beside the outputs; as given, owner-only
+        save_config(pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS), out)
+        write_private(out / "private" / CONFIG_FILENAME, OmegaConf.to_yaml(cfg))
     spec = parse_spec(str(cfg.data.train))
     batch_size = int(cfg.data.batch_size)
     global_batch = batch_size * env.world_size

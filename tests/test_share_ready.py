@@ -99,6 +99,12 @@ def test_provenance_is_recorded_without_paths(untrained, medssl_data):
         blob = path.read_bytes()
         for secret in (str(medssl_data), str(untrained), "breastmnist"):
             assert secret.encode() not in blob, (path.name, secret)
+    # the run folder names its data by pseudonym; the path as given is in an owner-only copy
+    saved = OmegaConf.load(untrained / "config.yaml")
+    assert saved.data.train.startswith("<path:") and str(medssl_data) not in str(saved)
+    private = untrained / "private" / "config.yaml"
+    assert OmegaConf.load(private).data.train == f"{medssl_data / 'breastmnist.npz'}:train"
+    assert private.stat().st_mode & 0o077 == 0
 
 
 def test_pseudonymised_command_hides_every_path_and_keeps_the_rest():
