@@ -136,10 +136,16 @@ def pseudonymised_path(text: str, site: SiteKey | None = None) -> str:
     text = str(text)
     if not text or not looks_like_path(text):
         return text
-    site = site if site is not None else resolve_site_key()
     base, _, split = text.rpartition(":") if ".npz:" in text else (text, "", "")
-    name = f"<path:{site.pseudonym(str(Path(base).expanduser().resolve()))[:12]}>"
+    name = f"<path:{path_pseudonym(base, site)}>"
     return f"{name}:{split}" if split else name
+
+
+def path_pseudonym(path: str | Path, site: SiteKey | None = None) -> str:
+    """12 hex characters naming a file or folder by its absolute path, keyed under `site`
+    (default: the resolved site key): one path, one name, in every output."""
+    site = site if site is not None else resolve_site_key()
+    return site.pseudonym(str(Path(path).expanduser().resolve()))[:12]
 
 
 def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:

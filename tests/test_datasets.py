@@ -70,6 +70,12 @@ def test_folder_keys_are_the_pseudonyms_ingest_gives(medssl_data, tmp_path, monk
         if not path.name.endswith(".dcm"):
             assert key == key_of[str(path)]
     assert not any("DOE" in k or "/" in k for k in ds.keys)
+    # a file broken after indexing is named by its key when read, never by its path
+    index = next(i for i, (path, _) in enumerate(ds.items) if path.name == "DOE_2.png")
+    ds.items[index][0].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UnreadableImageError) as caught:
+        ds.load(index)
+    assert str(caught.value).startswith(ds.keys[index]) and "DOE" not in str(caught.value)
 
 
 def _save_png(path, array):

@@ -24,7 +24,7 @@ from eval.features import FeatureExtractor
 from eval.featureset import FeatureSet, center_on
 from eval.metrics import evaluate, point_metrics
 from pretrain.data.specs import parse_spec
-from pretrain.privacy import resolve_site_key
+from pretrain.privacy import path_pseudonym
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def dataset_name(spec: str) -> str:
     name = path.name.split(".")[0].lower()
     if PUBLIC_DATASET.fullmatch(name):
         return name
-    return "data-" + resolve_site_key().pseudonym(str(path.expanduser().resolve()))[:12]
+    return "data-" + path_pseudonym(path)
 
 
 class EvalContext:

@@ -196,11 +196,15 @@ class FolderDataset(_Base):
     def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         path, frame = self.items[index]
         if self._cache is None or self._cache[0] != path:
-            self._cache = (path, read_image_file(path, site_key=self.site_key))
+            try:
+                self._cache = (path, read_image_file(path, site_key=self.site_key))
+            except (UnreadableImageError, OSError) as exc:  # changed since indexing
+                reason = str(exc).replace(str(path), "<input>")
+                raise UnreadableImageError(f"{self.keys[index]}: {reason}") from None
         decoded = self._cache[1]
         if frame >= len(decoded):
             raise UnreadableImageError(
-                f"{path}: has {len(decoded)} frame(s) now, indexed {frame + 1}"
+                f"{self.keys[index]}: has {len(decoded)} frame(s) now, indexed {frame + 1}"
             )
         record = decoded[frame].record
         if record.get("patient"):  # which key made it: decontamination refuses to mix keys
