@@ -5,9 +5,11 @@ with a distinctive value in every attribute of DICOM PS3.15 Annex E's Basic Appl
 Confidentiality Profile that pydicom can set (the table as dicom-anonymizer ships it), in private
 tags and free-text descriptions. Ingest, `curation run`, `curation preview`, `launch ingest
 --cluster local` and an eval report run on it, and a labelled image folder named after the patient
-is evaluated in place and given to `curation run` as an eval set; every byte they write (shards and
-their members, manifests, configs, logs, stdout and stderr, reports, feature caches with their
-.npz arrays decoded, launch and submitit files), except the private map, is searched for each
+is evaluated in place (`eval`, `launch eval`), pretrained on (`launch pretrain`) and given to
+`curation run` and `launch curate` as an eval set. Every byte they write (shards and their
+members, manifests, configs, checkpoints, logs, stdout and stderr, reports, feature caches with
+their .npz arrays decoded, launch and submitit files), except the private folders (the pseudonym
+map, the launcher's argument files, the configs as given), is searched for each
 value: raw, upper and lower case, `^` read as a space.
 """
 
@@ -205,7 +207,7 @@ def hospital(medssl_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
-    """Ingest, curate, preview, launch ingest and an eval report, as a user would run them."""
+    """Ingest, curate, tile, preview, launch and eval, as a user would run them."""
     tree, _, _ = hospital
     work = tmp_path_factory.mktemp("work")
     out = work / "OUT"
@@ -282,6 +284,63 @@ def pipeline_outputs(hospital, medssl_data, tmp_path_factory):
             work,
             env,
         ),
+        _run(  # pretraining straight from the folder: its config and checkpoints hold a pseudonym
+            [
+                "launch",
+                "pretrain",
+                "--config",
+                str(REPO / "pretrain" / "configs" / "simclr_cpu.yaml"),
+                f"data.train={labelled}",
+                f"output_dir={out / 'pretrain'}",
+                "optim.max_steps=2",
+                "data.batch_size=8",
+                "model.arch=vit_tiny",  # one small block: the checkpoint stays small to search
+                "model.depth=1",
+                "model.patch_size=4",
+                "model.img_size=16",
+                "train.progress=false",
+                "--cluster",
+                "local",
+            ],
+            work,
+            env,
+        ),
+        _run(  # the eval sets travel in the launcher's private arguments file
+            [
+                "launch",
+                "curate",
+                f"pool={out / 'shards'}",
+                f"output_dir={out / 'launched_cur'}",
+                f"eval_sets=[{pneu}:test,{labelled}]",
+                "--embed-groups",
+                "1",
+                "--cluster",
+                "local",
+            ],
+            work,
+            env,
+        ),
+        _run(
+            [
+                "launch",
+                "eval",
+                "--backbone",
+                "raw",
+                "--protocol",
+                "knn",
+                "--train",
+                str(labelled),
+                "--test",
+                f"{pneu}:test",
+                "--out",
+                str(out / "launched_eval"),
+                "--cluster",
+                "local",
+                "raw_img_size=28",
+            ],
+            work,
+            env,
+        ),
         *(  # on the curated shards, and on an image folder named after the patient, in place
             _run(
                 ["eval", protocol, "--backbone", "raw", "--train", str(train), "--test"]
@@ -307,7 +366,18 @@ def test_no_phi_in_any_byte_written(hospital, pipeline_outputs):
     assert _hits(b"a1b2c3d4e5f6a7b818880229a1b2c3d4", {"18880229"}) == []  # inside a hash
     chunks = _chunks(out)
     kinds = {Path(name.split(".tar/")[0]).suffix for name, _ in chunks}
-    assert {".tar", ".jsonl", ".json", ".yaml", ".png", ".md", ".html", ".pkl", ".npz"} <= kinds
+    assert {
+        ".tar",
+        ".jsonl",
+        ".json",
+        ".yaml",
+        ".png",
+        ".md",
+        ".html",
+        ".pkl",
+        ".npz",
+        ".pt",
+    } <= kinds
     assert any(name.endswith(".npz/keys") for name, _ in chunks)  # the feature cache's item names
     assert any("submitit" in name or "/launch/" in name for name, _ in chunks)
     leaks = {name: hits for name, data in chunks if (hits := _hits(data, searched))}
