@@ -2,11 +2,12 @@
 
 A backbone pretrained on its own test images scores too well, and nothing in the numbers shows
 it. The export's provenance names each pretraining input by its manifest's sha256 (never its
-path); the run folder the export sits in holds the config that read it, its inputs as given in
-the owner-only private/config.yaml (`data.train`). When that manifest is still on this machine and its sha256 matches, every eval
-image (val and test) is looked up among the pretraining images' pixel hashes: manifest.jsonl's
-`sha256` field for shards, hashed pixels for a .npz. The answer says how many were found, or why
-it could not be checked (an export downloaded without its run folder, a manifest since changed).
+path); the run folder the export sits in holds the config that read it, with its inputs as given
+in the owner-only private/config.yaml (`data.train`). When that manifest is still on this machine
+and its sha256 matches, every eval image (val and test) is looked up among the pretraining images'
+pixel hashes: manifest.jsonl's `sha256` field for shards, hashed pixels for a .npz. The answer says
+how many were found, or why it could not be checked (an export downloaded without its run folder, a
+manifest since changed).
 """
 
 from __future__ import annotations
