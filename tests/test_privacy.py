@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c
 from PIL import Image
 from pydicom.datadict import dictionary_VR
@@ -398,6 +399,15 @@ def test_every_output_records_the_hash_of_the_config_saved_beside_it(pipeline_ou
             assert record["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest(), doc
             checked.add(doc.parent.relative_to(out).as_posix())
     assert {"shards", "tiles", "cur", "eval", "eval_folder"} <= checked, checked
+    # a pretraining run: its export and checkpoints record the hash of the run's config.yaml
+    run = out / "pretrain"
+    saved = hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
+    export = json.loads((run / "export" / "config.json").read_text())
+    assert export["medssl"]["provenance"]["config_sha256"] == saved
+    for checkpoint in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        assert state["provenance"]["config_sha256"] == saved
+        assert state["config"]["data"]["train"].startswith("<path:")
 
 
 def test_private_map_lists_every_input_and_only_its_owner_reads_it(hospital, pipeline_outputs):
