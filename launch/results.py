@@ -147,7 +147,6 @@ def gather_eval_table(out: str | Path, cells: list[dict[str, str]]) -> dict[str,
         + "\n"
     )
     logger.info("gathered %d rows into %s", len(rows), out / "results.md")
-    for cell in {c["backbone"]: c for c in cells}.values():
-        pseudonym = pseudonymised_path(cell["backbone"])
-        _add_to_model_card(cell["backbone"], [r for r in rows if r["backbone_path"] == pseudonym])
+    for cell in {c["backbone"]: c for c in cells}.values():  # labels are unique per backbone
+        _add_to_model_card(cell["backbone"], [r for r in rows if r["backbone"] == cell["label"]])
     return {name: str(out / name) for name in ("results.json", "results.csv", "results.md")}

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from pretrain import distributed as du
-from pretrain.config import PRETRAIN_INPUT_KEYS, plain, pseudonymised_config
+from pretrain.config import plain
 from pretrain.io import atomic_open
 
 if TYPE_CHECKING:
@@ -354,10 +354,10 @@ class RunCheckpointer:
     """Checkpoints and exports of one run directory: every rank calls save/resume (they are
     collectives under DDP/FSDP), only rank 0 writes files."""
 
-    def __init__(self, cfg: DictConfig, engine: Engine, is_main: bool):
-        self.cfg, self.engine, self.is_main = cfg, engine, is_main
-        # checkpoints and exports record the config as saved (inputs by pseudonym)
-        self.shown_cfg = pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS)
+    def __init__(self, cfg: DictConfig, saved_cfg: DictConfig, engine: Engine, is_main: bool):
+        """`saved_cfg`: the config as saved in output_dir (inputs by pseudonym), which
+        checkpoints and exports record."""
+        self.cfg, self.saved_cfg, self.engine, self.is_main = cfg, saved_cfg, engine, is_main
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / CHECKPOINT_DIR
         self.backbone_prefix = _prefix_of(engine.method, engine.method.backbone_for_export())
@@ -367,7 +367,7 @@ class RunCheckpointer:
         if is_main:
             from pretrain.provenance import data_summary, provenance
 
-            self.provenance = provenance(self.shown_cfg, inputs=[str(cfg.data.train)])
+            self.provenance = provenance(self.saved_cfg, inputs=[str(cfg.data.train)])
             self.data = {"inputs": self.provenance["inputs"], **data_summary(str(cfg.data.train))}
 
     def export_meta(self, step: int, source: str) -> dict[str, Any]:
@@ -452,7 +452,7 @@ class RunCheckpointer:
                 "rng": rngs,
                 "backbone_state": backbone,  # shares storage with "model": stored once
                 "backbone_config": plain(self.cfg.model),
-                "config": plain(self.shown_cfg),
+                "config": plain(self.saved_cfg),
                 "meta": self.export_meta(step, f"{self.cfg.method} step {step}"),
                 "provenance": self.provenance,
             }

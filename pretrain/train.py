@@ -106,7 +106,14 @@ class StepReporter:
     """What happens between two steps besides checkpoints: metrics lines, collapse and k-NN
     monitors, the progress bar. Collective under DDP/FSDP (every rank calls it every step)."""
 
-    def __init__(self, cfg: DictConfig, engine: Engine, is_main: bool, device: torch.device):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        saved_cfg: DictConfig,
+        engine: Engine,
+        is_main: bool,
+        device: torch.device,
+    ):
         out, m = Path(cfg.output_dir), cfg.monitor
         self.engine, self.device = engine, device
         self.metrics = MetricsWriter(
@@ -118,7 +125,7 @@ class StepReporter:
             wandb=is_main and bool(cfg.logging.wandb),
             wandb_mode=str(cfg.logging.wandb_mode),
             wandb_project=str(cfg.logging.wandb_project),
-            config=tracker_config(cfg),
+            config=tracker_config(cfg, saved_cfg),
             resume_step=engine.step,
         )
         self.accumulator = MetricsAccumulator()
@@ -191,12 +198,12 @@ class StepReporter:
         self.trackers.close()
 
 
-def tracker_config(cfg: DictConfig) -> dict[str, Any]:
-    """What a tracker is told of the run: the training hyperparameters and the merged config's
-    hash (that of the saved config.yaml), never the data section or output_dir (paths)."""
+def tracker_config(cfg: DictConfig, saved_cfg: DictConfig) -> dict[str, Any]:
+    """What a tracker is told of the run: the training hyperparameters and the hash of the saved
+    config.yaml (`saved_cfg`), never the data section or output_dir (paths)."""
     keep = ("method", "model", "optim", "train", str(cfg.method))
     doc = {k: plain(cfg[k]) for k in keep if k in cfg}
-    return {**doc, "config_sha256": config_sha256(pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS))}
+    return {**doc, "config_sha256": config_sha256(saved_cfg)}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -214,8 +221,9 @@ def run(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
     out = Path(cfg.output_dir)
+    saved_cfg = pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS)
     if env.is_main:  # the inputs by pseudonym beside the outputs; as given, owner-only
-        save_config(pseudonymised_config(cfg, PRETRAIN_INPUT_KEYS), out)
+        save_config(saved_cfg, out)
         write_private(out / "private" / CONFIG_FILENAME, OmegaConf.to_yaml(cfg))
     spec = parse_spec(str(cfg.data.train))
     batch_size = int(cfg.data.batch_size)
@@ -241,7 +249,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
         steps_per_epoch=steps_per_epoch,
         apply_init=not has_checkpoint,
     )
-    outputs = RunCheckpointer(cfg, engine, env.is_main)
+    outputs = RunCheckpointer(cfg, saved_cfg, engine, env.is_main)
 
     if engine.total_steps == 0:  # the honest random-init baseline
         backbone = {
@@ -258,7 +266,7 @@ def train(cfg: DictConfig, env: du.DistEnv, device: torch.device) -> Path:
         du.seed_everything(du.rank_seed(int(cfg.train.seed) + engine.step, env.rank))
     transform = engine.method.build_transform()
     collate_fn = engine.method.collate_fn()
-    reporter = StepReporter(cfg, engine, env.is_main, device)
+    reporter = StepReporter(cfg, saved_cfg, engine, env.is_main, device)
     ckpt_every, total = int(cfg.train.checkpoint_every), engine.total_steps
     while engine.step < total:
         loader = build_train_loader(
