@@ -294,11 +294,12 @@ class Engine:
                 param.requires_grad_(not frozen)
         self._backbone_frozen = frozen
 
-    def _grad_norm(self) -> Tensor:
-        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True)
-        full = getattr(norm, "full_tensor", None)  # DTensor under FSDP
-        return (full() if callable(full) else norm).detach().float()
+    def _grad_norm(self) -> tuple[Tensor, Tensor]:
+        """The total gradient norm, as computed (a DTensor under FSDP) and as a plain tensor."""
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        full = getattr(norm, "full_tensor", None)
+        return norm, (full() if callable(full) else norm).detach().float()
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One update at `self.step`; returns tensors (no host sync) + `skipped`/`overflow` flags."""
@@ -323,11 +324,21 @@ class Engine:
                 param.grad = None
         self.method.on_after_backward(state)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm()
-        # One host sync per step: every rank must agree to skip (loss is rank-local).
-        flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm)])
+        norm, grad_norm = self._grad_norm()
+        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
+        # One host sync per step: every rank must agree to skip (loss is rank-local). It also
+        # says whether to clip, so unclipped steps skip the multiply by 1 of every gradient.
+        flags = torch.stack(
+            [
+                ~torch.isfinite(loss.detach().float()),
+                ~torch.isfinite(grad_norm),
+                grad_norm > max_norm,
+            ]
+        )
         flags = du.all_reduce_max(flags.float().to(self.device)).cpu()
-        loss_bad, grad_bad = bool(flags[0]), bool(flags[1])
+        loss_bad, grad_bad, clip = bool(flags[0]), bool(flags[1]), bool(flags[2])
+        if clip and not grad_bad:
+            torch.nn.utils.clip_grads_with_norm_(self.trainable, max_norm, norm, foreach=True)
         # fp16: inf grads with a finite loss are an overflow the GradScaler handles by itself.
         overflow = self.scaler.is_enabled() and grad_bad and not loss_bad
         skipped = loss_bad or (grad_bad and not overflow)

@@ -12,7 +12,14 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.components.masked_vit import vit_embed, vit_encode, vit_forward, vit_tokens
+from pretrain.components.masked_vit import (
+    blocks_run_grouped,
+    vit_embed,
+    vit_encode,
+    vit_forward,
+    vit_tokens,
+    vit_tokens_groups,
+)
 from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
 
 COMPONENTS = ["ema", "heads", "knn", "losses", "masked_vit", "masks"]
@@ -65,6 +72,62 @@ def test_mask_token_replaces_exactly_the_masked_patches_before_positions():
     assert torch.allclose(
         torch.cat([cls[:, None], patches], 1), vit_encode(vit, vit_embed(vit, images, masks, token))
     )
+
+
+class _ScaleEachSample(torch.nn.Module):
+    """Stands in for drop path: scales sample i of a (B, N, D) batch by i + 1, so it gives another
+    result when given the stacked tokens of several groups instead of each group's batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.arange(1, x.shape[0] + 1, dtype=x.dtype).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers+layerscale+qk_norm", "per-sample branch"])
+def test_crop_sizes_through_the_blocks_together_equal_one_pass_per_size(variant):
+    """DINOv2's student pass: global crops (16 patches, half of them masked on one image) and local
+    crops (4 patches) stacked through each block give each crop's own tokens and the same weight
+    gradients as running each size alone."""
+    torch.manual_seed(0)
+    kwargs = {"reg_tokens": 2, "init_values": 0.1, "qk_norm": True} if variant != "plain" else {}
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        num_classes=0,
+        dynamic_img_size=True,
+        **kwargs,
+    )
+    if variant == "per-sample branch":
+        for block in vit.blocks:
+            block.drop_path1, block.drop_path2 = _ScaleEachSample(), _ScaleEachSample()
+    assert blocks_run_grouped(vit)
+    big, small = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[1, :8] = True
+    token = torch.randn(1, vit.embed_dim)
+    weights = [torch.randn(4, 192), torch.randn(4, 16, 192), torch.randn(6, 192)]
+
+    def run(grouped: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        vit.zero_grad(set_to_none=True)
+        if grouped:
+            (cls_big, patches_big), (cls_small, _) = vit_tokens_groups(
+                vit, [big, small], [masks, None], token
+            )
+        else:
+            cls_big, patches_big = vit_tokens(vit, big, masks, token)
+            cls_small, _ = vit_tokens(vit, small)
+        outputs = [cls_big, patches_big, cls_small]
+        sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
+        return [o.detach() for o in outputs], {n: p.grad for n, p in vit.named_parameters()}
+
+    separate, separate_grads = run(grouped=False)
+    together, together_grads = run(grouped=True)
+    for a, b in zip(together, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert separate_grads.keys() == together_grads.keys()
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(together_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 class _Views(torch.utils.data.Dataset):

@@ -8,6 +8,10 @@ attributes (`patch_embed`, `cls_token`, `reg_token`, `pos_embed`, `no_embed_clas
 `resample_abs_pos_embed`, honouring gradient checkpointing; they never touch timm's private
 methods, and with nothing masked they give exactly `vit.forward_features`.
 
+`vit_tokens_groups` runs crops of several sizes (DINOv2's global and local crops) through the
+blocks together, as DINOv2's `forward_features_list` does with xformers' block-diagonal masks:
+every linear layer multiplies all groups' tokens at once, attention stays within each crop.
+
 Example:
     >>> import timm, torch
     >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0)
@@ -25,10 +29,12 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,96 @@ def vit_tokens(
     """(class token (B, D), patch tokens (B, N, D)) after the final norm, masked patches replaced."""
     x = vit_encode(vit, vit_embed(vit, images, masks, mask_token))
     return x[:, 0], x[:, vit.num_prefix_tokens :]
+
+
+def blocks_run_grouped(vit: VisionTransformer) -> bool:
+    """Whether `vit_tokens_groups` can share the blocks' linear layers between groups: every block
+    is timm's plain `Block` with its `Attention` (an FSDP-sharded block is a subclass, whose
+    parameters are gathered only by its own forward, so it runs group by group)."""
+    return all(type(b) is Block and type(b.attn) is Attention for b in vit.blocks)
+
+
+def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """timm's `Block.forward` + `Attention.forward` on the rows of several (B, N, D) token groups
+    stacked as one (sum B*N, D) matrix; attention and per-sample drop path run group by group."""
+    attn, rows = block.attn, [b * n for b, n in shapes]
+    h = block.norm1(x)
+    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    outs = []
+    for qkv, (b, n) in zip(attn.qkv(h).split(rows), shapes, strict=True):
+        q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(
+            attn.q_norm(q),
+            attn.k_norm(k),
+            v,
+            dropout_p=attn.attn_drop.p if attn.training else 0.0,
+            scale=attn.scale,
+        )
+        outs.append(o.transpose(1, 2).reshape(b * n, attn.attn_dim))
+    h = attn.norm(torch.cat(outs))
+    if gate is not None:
+        h = h * gate
+    h = attn.proj_drop(attn.proj(h))
+    x = _add_branch(x, block.drop_path1, block.ls1(h), shapes, rows)
+    return _add_branch(x, block.drop_path2, block.ls2(block.mlp(block.norm2(x))), shapes, rows)
+
+
+def _add_branch(
+    x: Tensor,
+    drop_path: torch.nn.Module,
+    branch: Tensor,
+    shapes: list[tuple[int, int]],
+    rows: list[int],
+) -> Tensor:
+    """The residual add `x + drop_path(branch)` on stacked groups."""
+    if isinstance(drop_path, torch.nn.Identity):
+        return x + branch
+    dropped = [  # drop path keeps or drops whole samples: apply it per group
+        drop_path(part.view(b, n, -1)).view(b * n, -1)
+        for part, (b, n) in zip(branch.split(rows), shapes, strict=True)
+    ]
+    return x + torch.cat(dropped)
+
+
+def vit_tokens_groups(
+    vit: VisionTransformer,
+    images: list[Tensor],
+    masks: list[Tensor | None] | None = None,
+    mask_token: Tensor | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """`vit_tokens` for each batch of `images` (one per crop size), run through the blocks together
+    when `blocks_run_grouped(vit)`: one matmul and one weight gradient per linear layer for all
+    crops instead of one per crop size, which matters when a group is small (local crops).
+
+    Example:
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+        ...                         num_classes=0, dynamic_img_size=True)
+        >>> big, small = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+        >>> (cls_big, _), (cls_small, patches_small) = vit_tokens_groups(vit, [big, small])
+        >>> torch.allclose(cls_small, vit_tokens(vit, small)[0], atol=1e-5), patches_small.shape
+        (True, torch.Size([6, 4, 192]))
+    """
+    masks = masks if masks is not None else [None] * len(images)
+    if not blocks_run_grouped(vit):
+        return [vit_tokens(vit, x, m, mask_token) for x, m in zip(images, masks, strict=True)]
+    groups = [
+        vit.norm_pre(vit.patch_drop(vit_embed(vit, x, m, mask_token)))
+        for x, m in zip(images, masks, strict=True)
+    ]
+    shapes = [(g.shape[0], g.shape[1]) for g in groups]
+    x = torch.cat([g.flatten(0, 1) for g in groups])
+    for block in vit.blocks:
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(_grouped_block, block, x, shapes, use_reentrant=False)
+        else:
+            x = _grouped_block(block, x, shapes)
+    x = vit.norm(x)
+    out = []
+    for part, (b, n) in zip(x.split([b * n for b, n in shapes]), shapes, strict=True):
+        tokens = part.view(b, n, -1)
+        out.append((tokens[:, 0], tokens[:, vit.num_prefix_tokens :]))
+    return out
 
 
 def vit_encode_visible(vit: VisionTransformer, images: Tensor, ids_keep: Tensor | None) -> Tensor:

@@ -9,8 +9,8 @@ and balanced by softmax-centering or Sinkhorn-Knopp. Optionally (`dinov2.gram`),
 anchoring: a frozen snapshot of the EMA teacher's backbone, retaken every `update_every` steps,
 whose patch-similarity matrices on the global crops the student's must match.
 
-Speed: one backbone forward per crop size (the globals concatenated, the locals concatenated),
-one student head call for all local/global class tokens and masked patches together, one
+Speed: one student backbone pass for all crops (the globals concatenated, the locals
+concatenated, both sizes through the blocks together: `vit_tokens_groups`), one student head call for all local/global class tokens and masked patches together, one
 teacher head call, and the EMA as a single fused `torch._foreach_lerp_` over all parameters.
 """
 
@@ -31,7 +31,7 @@ from pretrain.backbones import VIT_SIZES, build_backbone
 from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher, set_teacher_mode
 from pretrain.components.heads import DINOHead
 from pretrain.components.losses import DINOLoss, gram_loss, iBOTPatchLoss, koleo_loss
-from pretrain.components.masked_vit import vit_tokens
+from pretrain.components.masked_vit import vit_tokens, vit_tokens_groups
 from pretrain.components.masks import BlockMaskGenerator, MultiCropCollate
 from pretrain.config import ConfigError, plain
 from pretrain.distributed import is_dist
@@ -80,6 +80,15 @@ class DINOv2Network(nn.Module):
             raise ValueError("iBOT masking needs a ViT backbone (set dinov2.ibot.loss_weight=0)")
         return self.backbone(x), None
 
+    def tokens_groups(
+        self, crops: list[Tensor], masks: list[Tensor | None]
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """`tokens` of each crop size; a ViT runs all sizes through its blocks together."""
+        if self.is_vit:
+            token = None if self.mask_token is None else self.mask_token.mask_token
+            return vit_tokens_groups(self.backbone, crops, masks, token)
+        return [self.tokens(x, m) for x, m in zip(crops, masks, strict=True)]
+
     def heads(
         self, cls_parts: list[Tensor], patches: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
@@ -103,12 +112,16 @@ class DINOv2Network(nn.Module):
         masks: Tensor | None,
         mask_indices: Tensor | None,
     ) -> dict[str, Tensor | None]:
-        """Student pass: one backbone call per crop size, one head call. Returns logits + features."""
-        global_cls, global_patches = self.tokens(global_crops, masks)
-        cls_parts = [global_cls]
+        """Student pass: one backbone pass for both crop sizes, one head call. Returns logits +
+        features."""
         if local_crops is not None and local_crops.shape[0] > 0:
-            local_cls, _ = self.tokens(local_crops)
-            cls_parts.append(local_cls)
+            (global_cls, global_patches), (local_cls, _) = self.tokens_groups(
+                [global_crops, local_crops], [masks, None]
+            )
+            cls_parts = [global_cls, local_cls]
+        else:
+            global_cls, global_patches = self.tokens(global_crops, masks)
+            cls_parts = [global_cls]
         masked = None
         if mask_indices is not None:
             masked = global_patches.flatten(0, 1).index_select(0, mask_indices)
