@@ -122,8 +122,10 @@ def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Te
     """timm's `Block.forward` + `Attention.forward` on the rows of several (B, N, D) token groups
     stacked as one (sum B*N, D) matrix; attention and per-sample drop path run group by group."""
     attn, rows = block.attn, [b * n for b, n in shapes]
+    width = attn.num_heads * attn.head_dim
     h = block.norm1(x)
-    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    gate_layer = getattr(attn, "gate", None)  # newer timm versions only
+    gate = gate_layer(h).sigmoid() if gate_layer is not None else None
     outs = []
     for qkv, (b, n) in zip(attn.qkv(h).split(rows), shapes, strict=True):
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -134,8 +136,10 @@ def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Te
             dropout_p=attn.attn_drop.p if attn.training else 0.0,
             scale=attn.scale,
         )
-        outs.append(o.transpose(1, 2).reshape(b * n, attn.attn_dim))
-    h = attn.norm(torch.cat(outs))
+        outs.append(o.transpose(1, 2).reshape(b * n, width))
+    h = torch.cat(outs)
+    if getattr(attn, "norm", None) is not None:  # scale_norm (an Identity when off)
+        h = attn.norm(h)
     if gate is not None:
         h = h * gate
     h = attn.proj_drop(attn.proj(h))

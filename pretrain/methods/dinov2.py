@@ -10,8 +10,9 @@ anchoring: a frozen snapshot of the EMA teacher's backbone, retaken every `updat
 whose patch-similarity matrices on the global crops the student's must match.
 
 Speed: one student backbone pass for all crops (the globals concatenated, the locals
-concatenated, both sizes through the blocks together: `vit_tokens_groups`), one student head call for all local/global class tokens and masked patches together, one
-teacher head call, and the EMA as a single fused `torch._foreach_lerp_` over all parameters.
+concatenated, both sizes through the blocks together: `vit_tokens_groups`), one student head call
+for all local/global class tokens and masked patches together, one teacher head call, and the EMA
+as a single fused `torch._foreach_lerp_` over all parameters.
 """
 
 from __future__ import annotations
