@@ -372,6 +372,37 @@ def test_two_process_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(t
         torch.testing.assert_close(res["grad"], expected)
 
 
+@pytest.mark.parametrize("clip_grad", [1e-3, 1e3], ids=["over-the-limit", "under-the-limit"])
+def test_gradients_are_scaled_to_the_clip_limit_only_when_their_norm_exceeds_it(
+    tiny_npz, tmp_path, clip_grad
+):
+    """The step reports the norm before clipping; the optimizer gets the gradients scaled to
+    `optim.clip_grad` when they exceed it, and untouched otherwise."""
+    engine = Engine(
+        config(
+            tiny_npz, tmp_path / "run", **{"optim.clip_grad": clip_grad, "model.drop_path_rate": 0}
+        ),
+        device=torch.device("cpu"),
+        steps_per_epoch=4,
+    )
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.rand(8, 1, 16, 16, generator=gen), torch.zeros(8, dtype=torch.long))
+    reference = copy.deepcopy(engine.method)  # the same weights: its raw gradients, by hand
+    loss, _ = reference(batch, engine.step_state())
+    loss.backward()
+    raw = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    raw_norm = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in raw.values()]))
+    assert (raw_norm > clip_grad) == (clip_grad < 1)  # the two cases are what they claim
+
+    result = engine.train_step(batch)
+    torch.testing.assert_close(result["grad_norm"].double(), raw_norm, rtol=1e-5, atol=0)
+    scale = float(clip_grad / (raw_norm + 1e-6)) if raw_norm > clip_grad else 1.0
+    stepped = dict(engine.method.named_parameters())
+    assert raw.keys() == {n for n, p in stepped.items() if p.grad is not None}
+    for name, grad in raw.items():
+        torch.testing.assert_close(stepped[name].grad, grad * scale, rtol=1e-5, atol=1e-9)
+
+
 def test_fsdp_in_a_one_process_group_takes_the_unsharded_step(tiny_npz, tmp_path, monkeypatch):
     """dist.fsdp in a process group of world size 1 (how bench/train_step.py times FSDP on one
     GPU) runs FSDP's wrapper around DINOv2's student and EMA teacher, and its steps give the
