@@ -5,7 +5,8 @@ Measured in one run, on synthetic batches shaped like what each method's loader 
   2. `dinov2`: `pretrain.engine.Engine.train_step` with the dinov2 method (DINO + iBOT + KoLeo,
      EMA teacher, AdamW, grad clipping) on 2 global + n local crops per image, exactly what
      `python -m pretrain` runs per batch; `dinov2_fsdp`: the same step with `dist.fsdp=true` in a
-     process group of one rank (FSDP2's wrapping, gathers and sharded optimizer, nothing sharded);
+     process group of one rank (FSDP2's wrapping, gathers and sharded optimizer, nothing sharded;
+     its blocks take the crop sizes one after the other, as FSDP gathers a block in its forward);
   3. `timm`: a bare timm ViT fwd+bwd on the DINOv2 global-crop batch (the backbone alone);
   4. `lightly`: lightly's DINO pieces side by side (lightly.loss.DINOLoss + DINOProjectionHead on
      the same timm ViT, EMA teacher, one forward per view as in lightly's examples), when
