@@ -164,15 +164,33 @@ def _add_branch(
     return x + torch.cat(dropped)
 
 
+def vit_encode_groups(vit: VisionTransformer, token_groups: list[Tensor]) -> list[Tensor]:
+    """`vit_encode` of each group of input tokens (B_i, N_i, D), e.g. one per crop size, run through
+    the blocks together when `blocks_run_grouped(vit)`: one matmul and one weight gradient per
+    linear layer for all groups instead of one per group, which matters when a group is small
+    (local crops); attention and drop path stay within each group."""
+    if not blocks_run_grouped(vit):
+        return [vit_encode(vit, tokens) for tokens in token_groups]
+    groups = [vit.norm_pre(vit.patch_drop(tokens)) for tokens in token_groups]
+    shapes = [(g.shape[0], g.shape[1]) for g in groups]
+    x = torch.cat([g.flatten(0, 1) for g in groups])
+    for block in vit.blocks:
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(_grouped_block, block, x, shapes, use_reentrant=False)
+        else:
+            x = _grouped_block(block, x, shapes)
+    x = vit.norm(x)
+    rows = [b * n for b, n in shapes]
+    return [part.view(b, n, -1) for part, (b, n) in zip(x.split(rows), shapes, strict=True)]
+
+
 def vit_tokens_groups(
     vit: VisionTransformer,
     images: list[Tensor],
     masks: list[Tensor | None] | None = None,
     mask_token: Tensor | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """`vit_tokens` for each batch of `images` (one per crop size), run through the blocks together
-    when `blocks_run_grouped(vit)`: one matmul and one weight gradient per linear layer for all
-    crops instead of one per crop size, which matters when a group is small (local crops).
+    """`vit_tokens` for each batch of `images` (one per crop size), through `vit_encode_groups`.
 
     Example:
         >>> import timm, torch
@@ -184,25 +202,8 @@ def vit_tokens_groups(
         (True, torch.Size([6, 4, 192]))
     """
     masks = masks if masks is not None else [None] * len(images)
-    if not blocks_run_grouped(vit):
-        return [vit_tokens(vit, x, m, mask_token) for x, m in zip(images, masks, strict=True)]
-    groups = [
-        vit.norm_pre(vit.patch_drop(vit_embed(vit, x, m, mask_token)))
-        for x, m in zip(images, masks, strict=True)
-    ]
-    shapes = [(g.shape[0], g.shape[1]) for g in groups]
-    x = torch.cat([g.flatten(0, 1) for g in groups])
-    for block in vit.blocks:
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(_grouped_block, block, x, shapes, use_reentrant=False)
-        else:
-            x = _grouped_block(block, x, shapes)
-    x = vit.norm(x)
-    out = []
-    for part, (b, n) in zip(x.split([b * n for b, n in shapes]), shapes, strict=True):
-        tokens = part.view(b, n, -1)
-        out.append((tokens[:, 0], tokens[:, vit.num_prefix_tokens :]))
-    return out
+    inputs = [vit_embed(vit, x, m, mask_token) for x, m in zip(images, masks, strict=True)]
+    return [(t[:, 0], t[:, vit.num_prefix_tokens :]) for t in vit_encode_groups(vit, inputs)]
 
 
 def vit_encode_visible(vit: VisionTransformer, images: Tensor, ids_keep: Tensor | None) -> Tensor:

@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from pretrain.backbones import VIT_SIZES, build_backbone
 from pretrain.components.ema import ema_pairs, ema_update_, make_ema_teacher, set_teacher_mode
 from pretrain.components.heads import DINOHead
 from pretrain.components.losses import DINOLoss
+from pretrain.components.masked_vit import vit_embed, vit_encode_groups
 from pretrain.components.masks import MultiCropCollate
 from pretrain.config import ConfigError, plain
 from pretrain.methods import register_method
@@ -37,16 +39,23 @@ logger = logging.getLogger(__name__)
 
 
 class DINONetwork(nn.Module):
-    """Backbone + head; one backbone call per crop size and one head call per step."""
+    """Backbone + head; one backbone pass for both crop sizes (a ViT's blocks take them together,
+    another backbone one call per size) and one head call per step."""
 
     def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, global_crops: Tensor, local_crops: Tensor | None = None) -> Tensor:
-        features = [self.backbone(global_crops)]
+        crops = [global_crops]
         if local_crops is not None and local_crops.shape[0] > 0:
-            features.append(self.backbone(local_crops))
+            crops.append(local_crops)
+        backbone = self.backbone
+        if isinstance(backbone, VisionTransformer) and len(crops) > 1:
+            tokens = vit_encode_groups(backbone, [vit_embed(backbone, x) for x in crops])
+            features = [backbone.forward_head(t) for t in tokens]  # the backbone's own pooling
+        else:
+            features = [backbone(x) for x in crops]
         return self.head(torch.cat(features))
 
 
