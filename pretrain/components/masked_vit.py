@@ -112,7 +112,7 @@ def vit_tokens(
 
 
 def blocks_run_grouped(vit: VisionTransformer) -> bool:
-    """Whether `vit_tokens_groups` can share the blocks' linear layers between groups: every block
+    """Whether `vit_encode_groups` can share the blocks' linear layers between groups: every block
     is timm's plain `Block` with its `Attention` (an FSDP-sharded block is a subclass, whose
     parameters are gathered only by its own forward, so it runs group by group)."""
     return all(type(b) is Block and type(b.attn) is Attention for b in vit.blocks)
