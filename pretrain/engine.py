@@ -203,6 +203,14 @@ class Engine:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.clip_grad = float(optim.clip_grad)
+        # Fused Adam(W) divides the gradients by its `grad_scale` (GradScaler's protocol) inside its
+        # own pass over them, so a clipped step needs no separate multiply of every gradient.
+        # GradScaler (fp16) sets grad_scale itself, and FSDP's DTensor steps keep torch's clip.
+        self._clip_in_step = (
+            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+            and not self.scaler.is_enabled()
+            and not self.fsdp
+        )
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         # after wrapping: FSDP replaces parameters by sharded ones
         self.frozen_backbone = self.method.backbone_parameters() if self.heads_only_steps else []
@@ -337,7 +345,8 @@ class Engine:
         )
         flags = du.all_reduce_max(flags.float().to(self.device)).cpu()
         loss_bad, grad_bad, clip = bool(flags[0]), bool(flags[1]), bool(flags[2])
-        if clip and not grad_bad:
+        clip = clip and not grad_bad
+        if clip and not self._clip_in_step:
             torch.nn.utils.clip_grads_with_norm_(self.trainable, max_norm, norm, foreach=True)
         # fp16: inf grads with a finite loss are an overflow the GradScaler handles by itself.
         overflow = self.scaler.is_enabled() and grad_bad and not loss_bad
@@ -357,7 +366,12 @@ class Engine:
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         else:
             self.nan_consecutive = 0
-            self.scaler.step(self.optimizer)
+            if clip and self._clip_in_step:  # clip_grads_with_norm_'s factor, applied by the step
+                self.optimizer.grad_scale = (grad_norm + 1e-6) / max_norm
+            try:
+                self.scaler.step(self.optimizer)
+            finally:
+                self.optimizer.__dict__.pop("grad_scale", None)
             self.scaler.update()
             if not overflow:
                 self.method.on_after_step(state)

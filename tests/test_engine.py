@@ -377,7 +377,8 @@ def test_gradients_are_scaled_to_the_clip_limit_only_when_their_norm_exceeds_it(
     tiny_npz, tmp_path, clip_grad
 ):
     """The step reports the norm before clipping; the optimizer gets the gradients scaled to
-    `optim.clip_grad` when they exceed it, and untouched otherwise."""
+    `optim.clip_grad` when they exceed it, and untouched otherwise. Its first moments show what it
+    used: fused AdamW scales the gradients inside its own step (`grad_scale`)."""
     engine = Engine(
         config(
             tiny_npz, tmp_path / "run", **{"optim.clip_grad": clip_grad, "model.drop_path_rate": 0}
@@ -401,6 +402,15 @@ def test_gradients_are_scaled_to_the_clip_limit_only_when_their_norm_exceeds_it(
     assert raw.keys() == {n for n, p in stepped.items() if p.grad is not None}
     for name, grad in raw.items():
         torch.testing.assert_close(stepped[name].grad, grad * scale, rtol=1e-5, atol=1e-9)
+    assert engine.optimizer.defaults["fused"]  # the path that scales inside the step
+    assert not hasattr(engine.optimizer, "grad_scale")  # no scaling left for the next step
+    for group in engine.optimizer.param_groups:
+        beta1 = group["betas"][0]
+        for param in group["params"]:
+            name = next(n for n, p in stepped.items() if p is param)
+            first_moment = engine.optimizer.state[param]["exp_avg"]
+            expected = (1 - beta1) * raw[name] * scale
+            torch.testing.assert_close(first_moment, expected, rtol=1e-5, atol=1e-12)
 
 
 def test_fsdp_in_a_one_process_group_takes_the_unsharded_step(tiny_npz, tmp_path, monkeypatch):
