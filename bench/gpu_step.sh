@@ -11,7 +11,8 @@
 #       omegaconf==2.3.0 hydra-core==1.3.8 lightly==1.6.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # then run `bash bench/gpu_step.sh` there with .whl carried; tables land in $OUT (default gpu_step_out/).
-# STEPS (timed steps, default 10) and PYTHON (default python3) can be set in the environment.
+# STEPS (timed steps in each of the 5 rounds, default 4) and PYTHON (default python3) can be set in
+# the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -27,6 +28,6 @@ export PYTHONUNBUFFERED=1
   "$PYTHON" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 } | tee "$OUT/machine.txt"
 for recipe in dinov2_vits14 dinov2_vitb14; do
-  "$PYTHON" bench/train_step.py --recipe "$recipe" --precisions bf16 --steps "${STEPS:-10}" \
+  "$PYTHON" bench/train_step.py --recipe "$recipe" --precisions bf16 --steps "${STEPS:-4}" \
     --warmup 3 --workloads dinov2,dinov2_fsdp,timm,lightly "$@" 2>&1 | tee "$OUT/$recipe.txt"
 done

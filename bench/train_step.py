@@ -26,7 +26,11 @@ image is 2 + n crops, a SimCLR image 2 views). Model FLOPs are counted once per 
 torch.utils.flop_counter (matmuls, convolutions, attention; forward + backward + teacher forward)
 and divided by the measured step time. A precision whose measured matmul peak would make one step
 take longer than --max-step-seconds is reported as skipped (e.g. bf16 on CPUs without native
-bf16 matmul support).
+bf16 matmul support). Every workload of a precision is built and warmed up first (--warmup steps:
+the first ones of a run allocate and are slower), then timed in --rounds rounds, round robin, of
+--steps steps each; a row's figures are the median over rounds, and the ratios printed last
+(medssl/lightly images/s, medssl's MFU over the bare timm fwd+bwd's) the median of the per-round
+ratios, so that a slow spell of a shared machine falls on both sides of a ratio.
 
     .venv/bin/python bench/train_step.py                      # the recipes' models at 224, batch 16
     .venv/bin/python bench/train_step.py --quick              # small models/images: minutes on a CPU
@@ -42,6 +46,7 @@ import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -74,7 +79,7 @@ DEFAULT_WORKLOADS = ("dinov2", "timm", "lightly", "mae", "simclr")
 # --quick: defaults small enough for a 2-core CPU (explicit options still win)
 QUICK = {
     "batch": 2,
-    "steps": 1,
+    "steps": 2,
     "global_size": 112,
     "local_size": 48,
     "n_local": 2,
@@ -344,7 +349,7 @@ def lightly_step(args: argparse.Namespace, precision: str, device: torch.device)
     return step
 
 
-def measure(
+def prepare(
     name: str,
     batch: int,
     make: Callable[[], Callable[[], None]],
@@ -354,8 +359,11 @@ def measure(
     peaks: dict[str, float],
     flops_cache: dict[str, int],
     flops_key: str,
-) -> dict:
-    """`flops_key`: workloads that compute the same model share one FLOP count."""
+) -> tuple[dict, Callable[[], None] | None]:
+    """Build one workload's step, count its FLOPs and warm it up: (its row, the step), or (the row
+    saying why it is skipped, None). `flops_key`: workloads that compute the same model share one
+    FLOP count. On CUDA the row's peak memory is that of its warmup steps, less what the workloads
+    built before it hold."""
     row: dict = {"workload": name, "precision": precision, "batch": batch}
     flops = flops_cache.get(flops_key)
     if flops is not None:
@@ -365,8 +373,10 @@ def measure(
                 f"{precision} matmul peak {peaks[precision] / 1e9:.1f} GFLOP/s: one step would take "
                 f"~{estimate / 60:.0f} min (> --max-step-seconds {args.max_step_seconds:.0f})"
             )
-            return row
+            return row, None
+    resident = 0
     if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     step = make()
     if flops is None:  # the first (warmup) step is counted
@@ -377,18 +387,36 @@ def measure(
         warmup = args.warmup
     for _ in range(max(0, warmup)):
         step()
-    seconds = time_steps(step, args.steps, device)
+    row["flops"] = flops
+    row["round_step_s"] = []
+    if device.type == "cuda":
+        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - resident) / 2**30
+    return row, step
+
+
+def finish(row: dict, peaks: dict[str, float]) -> dict:
+    """The row's figures from the median of its rounds' seconds per step."""
+    seconds = statistics.median(row["round_step_s"])
+    flops = row.pop("flops")
     flop_s = flops / seconds
     row.update(
-        images_per_s=batch / seconds,
+        images_per_s=row["batch"] / seconds,
         step_s=seconds,
-        gflop_per_image=flops / batch / 1e9,
+        gflop_per_image=flops / row["batch"] / 1e9,
         model_tflop_s=flop_s / 1e12,
-        mfu=flop_s / peaks[precision],
+        mfu=flop_s / peaks[row["precision"]],
     )
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
+
+
+def per_round_ratio(ours: dict, other: dict, key: str) -> float:
+    """Median over rounds of ours / other in images/s (`images`) or in MFU (`mfu`): each round
+    times every workload back to back, so a slow spell of the machine hits both sides of a ratio."""
+    flops = {"images": (1.0, 1.0), "mfu": (ours["gflop_per_image"], other["gflop_per_image"])}[key]
+    return statistics.median(
+        (ours["batch"] * flops[0] / a) / (other["batch"] * flops[1] / b)
+        for a, b in zip(ours["round_step_s"], other["round_step_s"], strict=True)
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -404,7 +432,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="images per step (0 in --*-batch: this)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per workload")
     p.add_argument(
-        "--warmup", type=int, default=1, help="untimed steps first (the first counts FLOPs)"
+        "--warmup", type=int, default=3, help="untimed steps first (the first counts FLOPs)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="times each workload's --steps steps once per round, round robin; figures are "
+        "medians over the rounds",
     )
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"any of {WORKLOADS}")
@@ -430,6 +465,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if known.recipe:
         p.set_defaults(**recipe_defaults(known.recipe))
     args = p.parse_args(argv)
+    if min(args.steps, args.rounds) < 1 or args.warmup < 1:
+        p.error("--steps and --rounds must be >= 1, --warmup >= 1 (it counts the FLOPs)")
     args.mae_batch = args.mae_batch or args.batch
     args.simclr_batch = args.simclr_batch or args.batch
     wanted = ["dinov2" if w == "ours" else w for w in args.workloads.split(",") if w]
@@ -512,18 +549,28 @@ def main(argv: list[str] | None = None) -> None:
                     lambda pr=precision: simclr_step(args, pr, device, tmp),
                 ),
             ]
+            live: list[tuple[dict, Callable[[], None]]] = []
             for key, name, batch, make in makers:
                 if key not in wanted or (key == "lightly" and not has_lightly):
                     continue
                 flops_key = "dinov2" if key == "dinov2_fsdp" else key
-                row = measure(
+                row, step = prepare(
                     name, batch, make, precision, args, device, peaks, flops_cache, flops_key
                 )
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                gc.collect()  # free this workload's model before the next one
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if step is None:
+                    print(json.dumps(row), flush=True)
+                else:
+                    live.append((row, step))
+            for _ in range(args.rounds):  # round robin: each round times every workload
+                for row, step in live:
+                    row["round_step_s"].append(time_steps(step, args.steps, device))
+            for row, _ in live:
+                print(json.dumps(finish(row, peaks)), flush=True)
+            live.clear()
+            gc.collect()  # free this precision's models before the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     print_table(rows)
@@ -544,13 +591,24 @@ def print_table(rows: list[dict]) -> None:
             f"{r['gflop_per_image']:>10.1f} {r['model_tflop_s']:>8.3f} {100 * r['mfu']:>6.1f}% "
             f"{peak}"
         )
-    ours = {r["precision"]: r for r in rows if r["workload"] == "medssl_dinov2" and "mfu" in r}
-    lite = {r["precision"]: r for r in rows if r["workload"] == "lightly_dino" and "mfu" in r}
-    for precision in ours:
+
+    def by_precision(workload: str) -> dict[str, dict]:
+        return {r["precision"]: r for r in rows if r["workload"] == workload and "mfu" in r}
+
+    ours, lite, timm = (
+        by_precision(w) for w in ("medssl_dinov2", "lightly_dino", "timm_vit_fwd_bwd")
+    )
+    for precision, row in ours.items():
+        rounds = len(row["round_step_s"])
         if precision in lite:
+            ratio = per_round_ratio(row, lite[precision], "images")
             print(
-                f"{precision}: medssl/lightly images/s = "
-                f"{ours[precision]['images_per_s'] / lite[precision]['images_per_s']:.2f}x"
+                f"{precision}: medssl/lightly images/s = {ratio:.2f}x (median of {rounds} rounds)"
+            )
+        if precision in timm:
+            ratio = per_round_ratio(row, timm[precision], "mfu")
+            print(
+                f"{precision}: medssl MFU / timm fwd+bwd MFU = {ratio:.2f} (median of {rounds} rounds)"
             )
 
 

@@ -49,6 +49,8 @@ def test_recipe_mode_times_the_step_plain_and_under_fsdp(capsys):
             "2",
             "--steps",
             "1",
+            "--rounds",
+            "2",
             "--precisions",
             "fp32",
             "--workloads",
@@ -62,6 +64,7 @@ def test_recipe_mode_times_the_step_plain_and_under_fsdp(capsys):
     assert set(steps) == {"medssl_dinov2", "medssl_dinov2_fsdp"}
     for row in steps.values():
         assert row["images_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert len(row["round_step_s"]) == 2  # timed once per round, round robin
     assert not train_step.torch.distributed.is_initialized()  # the one-rank group is torn down
 
 
