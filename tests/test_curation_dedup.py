@@ -130,7 +130,9 @@ def test_planted_copies_found_and_unique_images_kept(pool, index):
 
 def test_array_parts_merge_to_the_pairs_of_one_process(pool):
     """Three slices of the queries, searched and verified apart, then merged: the same pairs,
-    view similarities and verdicts as one process (pool vs pool, and pool vs an eval set)."""
+    view similarities and verdicts as one process (pool vs pool, and pool vs an eval set). The
+    similarities agree to float32 rounding: on AVX2 CPUs the BLAS sums a slice's inner products in
+    another order than the whole set's (last-bit differences, seen on an AMD EPYC)."""
     images, _, _ = pool
     thumbs = thumbs_of(images)
     res = np.array([min(px.shape[:2]) for px in images])
@@ -149,7 +151,7 @@ def test_array_parts_merge_to_the_pairs_of_one_process(pool):
         assert len(merged.a) == len(one.a) > len(images)  # many candidates, not only copies
         np.testing.assert_array_equal(merged.a, one.a)
         np.testing.assert_array_equal(merged.b, one.b)
-        np.testing.assert_array_equal(merged.view, one.view)
+        np.testing.assert_allclose(merged.view, one.view, rtol=0, atol=1e-6)
         np.testing.assert_allclose(merged.ncc, one.ncc, atol=1e-6)
         verdict = (DEDUP.threshold, DEDUP.local_threshold)
         np.testing.assert_array_equal(merged.copies(*verdict), one.copies(*verdict))
