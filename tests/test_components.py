@@ -10,12 +10,14 @@ import random
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 from torch.utils.data import DataLoader
 
 from pretrain.components.masked_vit import (
     blocks_run_grouped,
     vit_embed,
     vit_encode,
+    vit_encode_groups,
     vit_forward,
     vit_tokens,
     vit_tokens_groups,
@@ -128,6 +130,72 @@ def test_crop_sizes_through_the_blocks_together_equal_one_pass_per_size(variant)
     assert separate_grads.keys() == together_grads.keys()
     for name, grad in separate_grads.items():
         torch.testing.assert_close(together_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_blocks_dropping_above_0_1_run_each_branch_on_a_subset_of_each_crop_batch():
+    """DINOv2's stochastic-depth shortcut in the grouped pass: at a drop-path rate above 0.1 a
+    block runs each residual branch only on a random int(B * (1 - rate)) of each crop size's B
+    samples and adds it back scaled by B / kept. Checked against that rule written out per crop
+    size (subsets drawn crop size by crop size, the attention branch's before the MLP's), outputs
+    and weight gradients; at rates of 0.1 and below timm's per-sample drop path is kept."""
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        num_classes=0,
+        dynamic_img_size=True,
+        init_values=0.1,
+    ).train()
+    for block, rate in zip(vit.blocks, (0.5, 0.3), strict=True):
+        block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
+    big, small = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    weights = [torch.randn(4, 17, 192), torch.randn(6, 5, 192)]
+
+    def by_hand() -> list[torch.Tensor]:
+        groups = [vit_embed(vit, big), vit_embed(vit, small)]
+        for block in vit.blocks:
+            rate = block.drop_path1.drop_prob
+            for branch in (
+                lambda t, blk=block: blk.ls1(blk.attn(blk.norm1(t))),
+                lambda t, blk=block: blk.ls2(blk.mlp(blk.norm2(t))),
+            ):
+                updated = []
+                for tokens in groups:
+                    b = tokens.shape[0]
+                    kept = max(1, int(b * (1 - rate)))  # 0.5: 2 of 4, 3 of 6; 0.3: 2 of 4, 4 of 6
+                    samples = torch.randperm(b)[:kept]
+                    updated.append(tokens.index_add(0, samples, branch(tokens[samples]) * b / kept))
+                groups = updated
+        return [vit.norm(t) for t in groups]
+
+    def grouped() -> list[torch.Tensor]:
+        return vit_encode_groups(vit, [vit_embed(vit, big), vit_embed(vit, small)])
+
+    results = []
+    for run in (by_hand, grouped):
+        torch.manual_seed(1)
+        vit.zero_grad(set_to_none=True)
+        outputs = run()
+        sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
+        results.append(
+            ([o.detach() for o in outputs], {n: p.grad for n, p in vit.named_parameters()})
+        )
+    (expected, expected_grads), (got, got_grads) = results
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the dropped samples cost nothing: the first block's MLP sees 2 of 4 big and 3 of 6 small
+    # crops at 0.5; at 0.1, timm's per-sample drop path, it sees every row
+    rows_seen: list[int] = []
+    vit.blocks[0].mlp.register_forward_hook(lambda m, args, out: rows_seen.append(len(args[0])))
+    grouped()
+    for block in vit.blocks:
+        block.drop_path1, block.drop_path2 = DropPath(0.1), DropPath(0.1)
+    grouped()
+    assert rows_seen == [2 * 17 + 3 * 5, 4 * 17 + 6 * 5]
 
 
 class _Views(torch.utils.data.Dataset):

@@ -10,7 +10,9 @@ methods, and with nothing masked they give exactly `vit.forward_features`.
 
 `vit_tokens_groups` runs crops of several sizes (DINOv2's global and local crops) through the
 blocks together, as DINOv2's `forward_features_list` does with xformers' block-diagonal masks:
-every linear layer multiplies all groups' tokens at once, attention stays within each crop.
+every linear layer multiplies all groups' tokens at once, attention stays within each crop. Blocks
+training with a drop-path rate above 0.1 compute each residual branch only for the samples they
+keep, DINOv2's stochastic-depth shortcut (ViT-B/L recipes: rates 0.2-0.4).
 
 Example:
     >>> import timm, torch
@@ -27,10 +29,11 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor
@@ -118,16 +121,19 @@ def blocks_run_grouped(vit: VisionTransformer) -> bool:
     return all(type(b) is Block and type(b.attn) is Attention for b in vit.blocks)
 
 
-def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-    """timm's `Block.forward` + `Attention.forward` on the rows of several (B, N, D) token groups
-    stacked as one (sum B*N, D) matrix; attention and per-sample drop path run group by group."""
-    attn, rows = block.attn, [b * n for b, n in shapes]
+# DINOv2 computes a residual branch on a random subset of the samples, instead of computing it
+# for every sample and zeroing the dropped ones, when a block's drop-path rate is above this.
+SUBSET_DROP_PATH_ABOVE = 0.1
+
+
+def _attention_rows(attn: Attention, h: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """timm's `Attention.forward` on stacked rows `h` of (B, N) groups: one qkv and one output
+    projection for all rows, scaled dot-product attention within each group."""
     width = attn.num_heads * attn.head_dim
-    h = block.norm1(x)
     gate_layer = getattr(attn, "gate", None)  # newer timm versions only
     gate = gate_layer(h).sigmoid() if gate_layer is not None else None
     outs = []
-    for qkv, (b, n) in zip(attn.qkv(h).split(rows), shapes, strict=True):
+    for qkv, (b, n) in zip(attn.qkv(h).split([b * n for b, n in shapes]), shapes, strict=True):
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(
             attn.q_norm(q),
@@ -142,24 +148,54 @@ def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Te
         h = attn.norm(h)
     if gate is not None:
         h = h * gate
-    h = attn.proj_drop(attn.proj(h))
-    x = _add_branch(x, block.drop_path1, block.ls1(h), shapes, rows)
-    return _add_branch(x, block.drop_path2, block.ls2(block.mlp(block.norm2(x))), shapes, rows)
+    return attn.proj_drop(attn.proj(h))
 
 
-def _add_branch(
+def _grouped_block(block: Block, x: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """timm's `Block.forward` + `Attention.forward` on the rows of several (B, N, D) token groups
+    stacked as one (sum B*N, D) matrix; attention and per-sample drop path run group by group."""
+
+    def attention(rows: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        return block.ls1(_attention_rows(block.attn, block.norm1(rows), groups))
+
+    def mlp(rows: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        return block.ls2(block.mlp(block.norm2(rows)))
+
+    x = _add_residual(x, attention, block.drop_path1, shapes)
+    return _add_residual(x, mlp, block.drop_path2, shapes)
+
+
+def _add_residual(
     x: Tensor,
+    branch: Callable[[Tensor, list[tuple[int, int]]], Tensor],
     drop_path: torch.nn.Module,
-    branch: Tensor,
     shapes: list[tuple[int, int]],
-    rows: list[int],
 ) -> Tensor:
-    """The residual add `x + drop_path(branch)` on stacked groups."""
+    """`x + drop_path(branch(x))` on stacked groups. A timm `DropPath` training at a rate above
+    SUBSET_DROP_PATH_ABOVE takes DINOv2's shortcut (`drop_add_residual_stochastic_depth`): the
+    branch runs only on a random max(1, int(B * (1 - rate))) of each group's B samples, added back
+    scaled by B / kept, so the dropped samples cost no compute. Other drop paths run per group."""
+    rate = float(drop_path.drop_prob) if isinstance(drop_path, DropPath) else 0.0
+    if drop_path.training and rate > SUBSET_DROP_PATH_ABOVE:
+        index, scales, kept_shapes, offset = [], [], [], 0
+        for b, n in shapes:
+            kept = max(1, int(b * (1 - rate)))
+            samples = torch.randperm(b, device=x.device)[:kept]
+            tokens = torch.arange(n, device=x.device)
+            index.append(offset + (samples[:, None] * n + tokens).flatten())
+            scales.append(x.new_full((kept * n, 1), b / kept))
+            kept_shapes.append((kept, n))
+            offset += b * n
+        rows = torch.cat(index)
+        update = branch(x.index_select(0, rows), kept_shapes) * torch.cat(scales)
+        return x.index_add(0, rows, update)
+    out = branch(x, shapes)
     if isinstance(drop_path, torch.nn.Identity):
-        return x + branch
+        return x + out
+    rows_per_group = [b * n for b, n in shapes]
     dropped = [  # drop path keeps or drops whole samples: apply it per group
         drop_path(part.view(b, n, -1)).view(b * n, -1)
-        for part, (b, n) in zip(branch.split(rows), shapes, strict=True)
+        for part, (b, n) in zip(out.split(rows_per_group), shapes, strict=True)
     ]
     return x + torch.cat(dropped)
 
@@ -168,7 +204,9 @@ def vit_encode_groups(vit: VisionTransformer, token_groups: list[Tensor]) -> lis
     """`vit_encode` of each group of input tokens (B_i, N_i, D), e.g. one per crop size, run through
     the blocks together when `blocks_run_grouped(vit)`: one matmul and one weight gradient per
     linear layer for all groups instead of one per group, which matters when a group is small
-    (local crops); attention and drop path stay within each group."""
+    (local crops); attention and drop path stay within each group. In training, a block whose drop
+    path is above SUBSET_DROP_PATH_ABOVE runs its branches on a random subset of each group's
+    samples (DINOv2's shortcut, `_add_residual`); the per-group fallback keeps timm's drop path."""
     if not blocks_run_grouped(vit):
         return [vit_encode(vit, tokens) for tokens in token_groups]
     groups = [vit.norm_pre(vit.patch_drop(tokens)) for tokens in token_groups]

@@ -12,7 +12,9 @@ whose patch-similarity matrices on the global crops the student's must match.
 Speed: one student backbone pass for all crops (the globals concatenated, the locals
 concatenated, both sizes through the blocks together: `vit_tokens_groups`), one student head call
 for all local/global class tokens and masked patches together, one teacher head call, and the EMA
-as a single fused `torch._foreach_lerp_` over all parameters.
+as a single fused `torch._foreach_lerp_` over all parameters. Student blocks with a drop-path rate
+above 0.1 run each residual branch on the samples they keep only (DINOv2's
+`drop_add_residual_stochastic_depth`).
 """
 
 from __future__ import annotations
