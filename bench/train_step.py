@@ -385,7 +385,7 @@ def prepare(
         warmup = args.warmup - 1
     else:
         warmup = args.warmup
-    for _ in range(max(0, warmup)):
+    for _ in range(warmup):
         step()
     row["flops"] = flops
     row["round_step_s"] = []
@@ -409,12 +409,11 @@ def finish(row: dict, peaks: dict[str, float]) -> dict:
     return row
 
 
-def per_round_ratio(ours: dict, other: dict, key: str) -> float:
-    """Median over rounds of ours / other in images/s (`images`) or in MFU (`mfu`): each round
-    times every workload back to back, so a slow spell of the machine hits both sides of a ratio."""
-    flops = {"images": (1.0, 1.0), "mfu": (ours["gflop_per_image"], other["gflop_per_image"])}[key]
+def per_round_ratio(ours: dict, other: dict) -> float:
+    """Median over rounds of ours / other in images/s: each round times every workload back to
+    back, so a slow spell of the machine hits both sides of the ratio."""
     return statistics.median(
-        (ours["batch"] * flops[0] / a) / (other["batch"] * flops[1] / b)
+        (ours["batch"] / a) / (other["batch"] / b)
         for a, b in zip(ours["round_step_s"], other["round_step_s"], strict=True)
     )
 
@@ -430,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a DINOv2 recipe (pretrain/configs name or path): its sizes and settings",
     )
     p.add_argument("--batch", type=int, default=16, help="images per step (0 in --*-batch: this)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per workload")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per workload and round")
     p.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (the first counts FLOPs)"
     )
@@ -601,12 +600,13 @@ def print_table(rows: list[dict]) -> None:
     for precision, row in ours.items():
         rounds = len(row["round_step_s"])
         if precision in lite:
-            ratio = per_round_ratio(row, lite[precision], "images")
+            ratio = per_round_ratio(row, lite[precision])
             print(
                 f"{precision}: medssl/lightly images/s = {ratio:.2f}x (median of {rounds} rounds)"
             )
         if precision in timm:
-            ratio = per_round_ratio(row, timm[precision], "mfu")
+            flops = row["gflop_per_image"] / timm[precision]["gflop_per_image"]
+            ratio = per_round_ratio(row, timm[precision]) * flops
             print(
                 f"{precision}: medssl MFU / timm fwd+bwd MFU = {ratio:.2f} (median of {rounds} rounds)"
             )
